@@ -1,0 +1,210 @@
+"""How a prefix enters a frozen Hugging Face model: cache, mask and positions.
+
+Li & Liang 2021 (§4.2) feed the prefix as already-computed keys and values (``past_key_values``):
+every layer attends to [K_P; K_x] and [V_P; V_x], the prefix occupies positions 0..P-1 and the
+real tokens start at position P. We do the same with transformers' Cache classes:
+
+* decoder-only models and decoder self-attention: a ``DynamicCache`` filled with the prefix, a 2D
+  attention mask [prefix mask; input mask] and per-row position ids P_i + t;
+* decoder cross-attention: the cross-attention half of an ``EncoderDecoderCache`` filled with the
+  prefix and marked not-yet-updated, so the model appends the encoder's keys after it;
+* encoder self-attention (which takes no cache): a forward pre-hook on each encoder attention module
+  passes a one-layer cache holding the prefix, with a 4D mask over [prefix; input].
+
+Rows of one batch may use different prefixes. Shorter prefixes are left-padded to the longest and
+the padding is masked, so each row sees exactly its own prefix.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask
+
+from .errors import PrefixTuneError
+
+
+@dataclass
+class StackPrefix:
+    """The prefix of one attention stack for a batch.
+
+    Attributes:
+        layers: Per layer, (keys, values), each (B, kv_heads, P_max, D).
+        mask: (B, P_max), 1 where a row's prefix has a token; shorter prefixes are left-padded.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)  # (B,)
+
+
+def gather_rows(tensors: dict[str, torch.Tensor], row_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build per-row prefixes from each name's tensor, left-padding shorter ones.
+
+    Args:
+        tensors: name → (P_name, *shape).
+        row_names: One name per row (B names).
+
+    Returns:
+        rows (B, P_max, *shape) and mask (B, P_max). A batch of one name is an expanded view,
+        not a copy.
+    """
+    names = list(dict.fromkeys(row_names))
+    batch = len(row_names)
+    first = tensors[names[0]]
+    if len(names) == 1:
+        rows = first.unsqueeze(0).expand(batch, *first.shape)  # (B, P, *shape), shared storage
+        return rows, torch.ones(batch, first.shape[0], dtype=torch.long, device=first.device)
+    p_max = max(tensors[n].shape[0] for n in names)
+    padded, masks = [], []
+    for n in names:
+        t = tensors[n]
+        pad = p_max - t.shape[0]
+        padded.append(torch.cat([t.new_zeros(pad, *t.shape[1:]), t]) if pad else t)  # (P_max, *shape)
+        masks.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(t.shape[0], dtype=torch.long)]))
+    index = torch.tensor([names.index(n) for n in row_names], device=first.device)
+    rows = torch.stack(padded)[index]  # (B, P_max, *shape)
+    mask = torch.stack(masks).to(first.device)[index]  # (B, P_max)
+    return rows, mask
+
+
+def split_layers(rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(B, P, L, 2, H, D) → per layer (keys, values), each (B, H, P, D)."""
+    kv = rows.permute(2, 3, 0, 4, 1, 5)  # (L, 2, B, H, P, D)
+    return [(layer[0], layer[1]) for layer in kv]
+
+
+def filled_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
+    """A ``DynamicCache`` holding the prefix at every layer."""
+    cache = DynamicCache(config=config)
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def encoder_decoder_cache(decoder: StackPrefix, cross: StackPrefix, config) -> EncoderDecoderCache:
+    """Self- and cross-attention caches filled with their prefixes.
+
+    The cross-attention layers are marked not updated, so on the first decoder pass the model
+    appends the encoder's keys and values after the prefix instead of reusing the cache as is.
+    """
+    cache = EncoderDecoderCache(filled_cache(decoder.layers, config), filled_cache(cross.layers, config))
+    for i in cache.is_updated:
+        cache.is_updated[i] = False
+    return cache
+
+
+def positions(prefix_lengths: torch.Tensor, attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """Position ids of real tokens: row i starts at P_i, counting only unmasked tokens.
+
+    Args:
+        prefix_lengths: (B,) prefix length of each row.
+        attention_mask: (B, T) mask over the real tokens seen so far (including earlier steps).
+        past: How many of those T tokens were already processed; ids are returned for the rest.
+
+    Returns:
+        (B, T - past) position ids.
+    """
+    counted = attention_mask.long().cumsum(dim=1) - 1  # (B, T)
+    return (counted.clamp(min=0) + prefix_lengths[:, None])[:, past:]
+
+
+def bidirectional_mask(config, queries: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """A 4D mask, in the format of the model's attention implementation, from (B, T) queries to keys.
+
+    Args:
+        config: The model config (its ``_attn_implementation`` sets the format).
+        queries: (B, T, ·) tensor giving batch, query length, dtype and device.
+        key_mask: (B, K) 1 for keys to attend to.
+    """
+    keys = queries.new_zeros(1).expand(key_mask.shape[0], key_mask.shape[1], 1)  # shape only: (B, K, 1)
+    mask = create_bidirectional_mask(
+        config=config,
+        inputs_embeds=queries,
+        attention_mask=key_mask,
+        encoder_hidden_states=keys,
+        allow_is_bidirectional_skip=False,
+    )
+    if mask is None or not isinstance(mask, torch.Tensor):
+        raise PrefixTuneError(
+            f"attention implementation {config._attn_implementation!r} is not supported for encoder prefixes; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    return mask
+
+
+class _LayerPrefix:
+    """A one-layer stand-in cache: prepends fixed keys/values to what the layer computes."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, record: list | None = None) -> None:
+        self.keys, self.values, self.record = keys, values, record
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.record is not None:
+            self.record.append((key_states, value_states))
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys.shape[-2]
+
+
+def find_encoder_attention(encoder: nn.Module, num_layers: int) -> list[nn.Module]:
+    """The encoder's self-attention modules, in layer order.
+
+    An attention module is the outermost module whose class name ends in ``Attention`` and whose
+    forward takes a ``cache`` argument.
+    """
+    found: list[nn.Module] = []
+    for module in encoder.modules():
+        if not type(module).__name__.endswith("Attention") or any(module in f.modules() for f in found):
+            continue
+        if "cache" in inspect.signature(module.forward).parameters:
+            found.append(module)
+    if len(found) != num_layers:
+        raise PrefixTuneError(
+            f"unsupported encoder {type(encoder).__name__}: found {len(found)} self-attention modules taking a "
+            f"cache, expected {num_layers}"
+        )
+    return found
+
+
+class EncoderPrefixHooks:
+    """Pre-hooks that hand each encoder self-attention layer its prefix while :meth:`active`."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self._current: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._record: list | None = None
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(modules)
+        ]
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs):
+            if self._current is None:
+                return None
+            kwargs["cache"] = _LayerPrefix(*self._current[index], record=self._record)
+            return args, kwargs
+
+        return hook
+
+    @contextmanager
+    def active(self, layers: list[tuple[torch.Tensor, torch.Tensor]], record: list | None = None):
+        """Within the block, layer i attends to ``layers[i]`` first; ``record`` collects what each
+        layer computes itself, as (keys, values)."""
+        self._current, self._record = layers, record
+        try:
+            yield
+        finally:
+            self._current, self._record = None, None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

@@ -1,0 +1,370 @@
+"""A frozen Hugging Face model with any number of named prefixes (Li & Liang 2021, §4).
+
+The base model is frozen and never receives gradients. Each batch row may use a different prefix
+(mixed batch, §8: one model serving many tasks). Shapes: B batch, T input length, P prefix length,
+L layers, H key/value heads, D head dim, d hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
+
+from . import injection
+from .config import PrefixConfig
+from .errors import PrefixTuneError
+from .geometry import read_geometry
+from .prefix import Prefix
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# Encoder-decoder families whose decoder positions are relative (so left-padded prefixes of
+# different lengths keep every row's positions). Others use absolute decoder positions.
+_RELATIVE_DECODER_POSITIONS = {"t5", "mt5", "umt5", "longt5"}
+DEFAULT_NUM_VIRTUAL_TOKENS = 10
+
+
+@dataclass
+class PrefixLMOutput:
+    """Output of :meth:`PrefixTunedModel.forward`.
+
+    Attributes:
+        loss: Mean cross-entropy over target tokens (labels ≠ -100), or None without labels.
+        logits: (B, T, V) next-token logits for the (decoder) input positions.
+        num_target_tokens: Tokens the loss averages over.
+        cache: The cache after the pass (prefix + input), when ``use_cache``.
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    num_target_tokens: int = 0
+    cache: Any = None
+
+
+def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy in fp32 over labels ≠ -100; logits (B, T, V), labels (B, T)."""
+    shifted = logits[:, :-1].float()  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1)
+    count = int((target != -100).sum())
+    loss = nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=-100)
+    return loss, count
+
+
+def seq2seq_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy in fp32 where decoder position t predicts labels[t]."""
+    count = int((labels != -100).sum())
+    loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    return loss, count
+
+
+class PrefixTunedModel(nn.Module):
+    """A frozen base model plus named, trainable prefixes.
+
+    Use :meth:`wrap` to freeze a model and add its first prefix.
+    """
+
+    def __init__(self, base: nn.Module, tokenizer=None) -> None:
+        super().__init__()
+        self.geometry = read_geometry(base.config)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        base.eval()
+        self.base = base
+        self.tokenizer = tokenizer
+        self.prefixes = nn.ModuleDict()
+        self.active: str | None = None
+        self.base_fingerprint: str | None = None
+        self.base_name: str = getattr(base.config, "_name_or_path", "") or base.config.model_type
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._encoder_hooks = None
+        self.cache_config = base.config  # sizes the decoder caches
+        if self.geometry.is_encoder_decoder:
+            self.cache_config = getattr(base.get_decoder(), "config", base.config)
+            enc = self.geometry.stack("encoder")
+            modules = injection.find_encoder_attention(base.get_encoder(), enc.num_layers)
+            self._encoder_hooks = injection.EncoderPrefixHooks(modules)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def wrap(cls, base_model: nn.Module, config: PrefixConfig, tokenizer=None, name: str = "default") -> PrefixTunedModel:
+        """Freeze ``base_model`` and add one trainable prefix named ``name``."""
+        model = cls(base_model, tokenizer)
+        model.add_prefix(name, config, tokenizer)
+        return model
+
+    def train(self, mode: bool = True) -> PrefixTunedModel:
+        """Train mode for the prefixes only; the frozen base stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base.parameters()).dtype
+
+    def add_prefix(self, name: str, config: PrefixConfig, tokenizer=None) -> Prefix:
+        """Add a trainable prefix, randomly or from ``config.init_text`` (needs a tokenizer)."""
+        if not _NAME.match(name or ""):
+            raise PrefixTuneError(f"invalid prefix name {name!r}: use letters, digits, '_', '-', '.'")
+        config = copy.deepcopy(config)
+        ids = None
+        if config.init_text is not None:
+            tokenizer = tokenizer or self.tokenizer
+            if tokenizer is None:
+                raise PrefixTuneError("init_text needs a tokenizer: pass tokenizer=...")
+            ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+            if config.num_virtual_tokens is None:
+                config.num_virtual_tokens = len(ids)
+            elif config.num_virtual_tokens != len(ids):
+                raise PrefixTuneError(
+                    f"init_text {config.init_text!r} is {len(ids)} tokens but num_virtual_tokens="
+                    f"{config.num_virtual_tokens}; leave num_virtual_tokens unset to use the text's length"
+                )
+        elif config.num_virtual_tokens is None:
+            config.num_virtual_tokens = DEFAULT_NUM_VIRTUAL_TOKENS
+        prefix = Prefix(config, self.geometry).to(self.device)
+        if ids is not None:
+            targets = self._activations(torch.tensor([ids], device=self.device), config.mode)
+            for part_name, part in prefix.parts.items():
+                part.fit(targets[part_name].float())
+        self.prefixes[name] = prefix
+        if self.active is None:
+            self.active = name
+        return prefix
+
+    def remove_prefix(self, name: str) -> None:
+        self._prefix(name)
+        del self.prefixes[name]
+        if self.active == name:
+            self.active = next(iter(self.prefixes), None)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The prefix parameters that require grad (never a base parameter)."""
+        return [p for p in self.prefixes.parameters() if p.requires_grad]
+
+    def export(self, name: str | None = None) -> None:
+        """Eject the MLP of prefix ``name``: keep only the flat tensors it produces (§4.3)."""
+        self._prefix(name).eject()
+
+    def save_prefix(self, path, name: str | None = None, metadata: dict | None = None) -> None:
+        """Save prefix ``name`` (ejected) as a folder: prefix.safetensors + prefix_config.json."""
+        from .files import save_prefix
+
+        save_prefix(self, path, name or self.active, metadata)
+
+    def load_prefix(self, path, name: str | None = None) -> Prefix:
+        """Load a saved prefix folder as ``name`` (default: the folder's name)."""
+        from .files import load_prefix
+
+        return load_prefix(self, path, name)
+
+    @torch.no_grad()
+    def _activations(self, ids: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+        """The frozen model's own prefix-shaped activations of ``ids`` (1, P), for init_text (§7.2)."""
+        if mode == "embedding":
+            return {"embedding": self.base.get_input_embeddings()(ids)[0]}  # (P, d)
+        if not self.geometry.is_encoder_decoder:
+            cache = self.base(input_ids=ids, use_cache=True).cache
+            return {"decoder": _stack_cache(cache)}
+        empty = self.batch_prefix(None, 1, empty=True)
+        captured = []
+        with self._encoder_hooks.active(empty["encoder"].layers, record=captured):
+            hidden = self.base.get_encoder()(input_ids=ids).last_hidden_state
+        cache = EncoderDecoderCache(DynamicCache(config=self.cache_config), DynamicCache(config=self.cache_config))
+        self.base(encoder_outputs=(hidden,), decoder_input_ids=ids, cache=cache, use_cache=True)
+        encoder = torch.stack([torch.stack([k[0], v[0]]) for k, v in captured])  # (L, 2, H, P, D)
+        return {
+            "decoder": _stack_cache(cache.self_attention_cache),
+            "cross": _stack_cache(cache.cross_attention_cache),
+            "encoder": encoder.permute(3, 0, 1, 2, 4),  # (P, L, 2, H, D)
+        }
+
+    # ------------------------------------------------------------------ prefixes of a batch
+    def _prefix(self, name: str | None) -> Prefix:
+        name = name or self.active
+        if name not in self.prefixes:
+            known = ", ".join(self.prefixes) or "none"
+            raise PrefixTuneError(f"unknown prefix {name!r} (loaded: {known})")
+        return self.prefixes[name]
+
+    def row_names(self, prefix: str | list[str] | None, batch: int) -> list[str]:
+        """One prefix name per row from a name, a list of names, or None (the active prefix)."""
+        if prefix is None or isinstance(prefix, str):
+            names = [prefix or self.active] * batch
+        else:
+            names = list(prefix)
+            if len(names) != batch:
+                raise PrefixTuneError(f"prefix list has {len(names)} names for a batch of {batch} rows")
+        for n in set(names):
+            self._prefix(n)
+        modes = {self.prefixes[n].mode for n in names}
+        if len(modes) > 1:
+            raise PrefixTuneError("a batch cannot mix 'kv' and 'embedding' prefixes")
+        return names
+
+    def batch_prefix(self, prefix, batch: int, empty: bool = False) -> dict[str, injection.StackPrefix | torch.Tensor]:
+        """The per-row prefix of every stack for a batch.
+
+        Returns:
+            For kv prefixes: stack name → :class:`injection.StackPrefix`. For embedding prefixes on
+            an encoder-decoder model: ``{"embedding": (B, P, d), "embedding_mask": (B, P)}``.
+        """
+        if empty:  # zero-length prefixes, used to read activations
+            out = {}
+            for s in self.geometry.stacks:
+                z = torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, device=self.device, dtype=self.dtype)
+                out[s.name] = injection.StackPrefix([(z, z)] * s.num_layers, torch.zeros(batch, 0, dtype=torch.long))
+            return out
+        names = self.row_names(prefix, batch)
+        unique = list(dict.fromkeys(names))
+        tensors = {n: self.prefixes[n]() for n in unique}  # name → part → (P, ...)
+        if self.prefixes[unique[0]].mode == "embedding":
+            if not self.geometry.is_encoder_decoder:
+                tensors = {n: {"decoder": self._embedding_kv(t["embedding"])} for n, t in tensors.items()}
+            else:
+                rows, mask = injection.gather_rows({n: t["embedding"] for n, t in tensors.items()}, names)
+                return {"embedding": rows.to(self.dtype), "embedding_mask": mask}
+        out = {}
+        for stack in self.geometry.stacks:
+            rows, mask = injection.gather_rows({n: t[stack.name] for n, t in tensors.items()}, names)
+            out[stack.name] = injection.StackPrefix(injection.split_layers(rows.to(self.dtype)), mask)
+        if self.geometry.is_encoder_decoder and self.geometry.model_type not in _RELATIVE_DECODER_POSITIONS:
+            lengths = {self.prefixes[n].num_tokens for n in unique}
+            if len(lengths) > 1:
+                raise PrefixTuneError(
+                    f"{self.geometry.model_type} uses absolute decoder positions: prefixes of different lengths "
+                    f"({sorted(lengths)}) cannot share a batch; batch them by length"
+                )
+        return out
+
+    def _embedding_kv(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Keys/values of P trained input embeddings at positions 0..P-1: (P, d) → (P, L, 2, H, D)."""
+        cache = self.base(inputs_embeds=embeds[None].to(self.dtype), use_cache=True).cache
+        return _stack_cache(cache)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        prefix: str | list[str] | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> PrefixLMOutput:
+        """Run the model with each row's prefix.
+
+        Args:
+            input_ids: (B, T) token ids (the source, for encoder-decoder models).
+            attention_mask: (B, T) 1 for real tokens; padding may sit on either side.
+            labels: (B, T) targets with -100 where no loss is taken (decoder-only: aligned with
+                input_ids; encoder-decoder: the decoder targets, (B, T_dec)).
+            prefix: A prefix name, one name per row, or None for the active prefix.
+            decoder_input_ids: (B, T_dec) decoder inputs; derived from labels when omitted.
+            decoder_attention_mask: (B, T_dec).
+            use_cache: Return the cache for further decoding.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch = self.batch_prefix(prefix, input_ids.shape[0])
+        if self.geometry.is_encoder_decoder:
+            return self._forward_seq2seq(
+                input_ids, attention_mask, labels, batch, decoder_input_ids, decoder_attention_mask, use_cache, **kwargs
+            )
+        out = self.run_causal(input_ids, attention_mask, batch["decoder"], **kwargs)
+        loss, count = causal_loss(out.logits, labels) if labels is not None else (None, 0)
+        return PrefixLMOutput(loss, out.logits, count, out.cache if use_cache else None)
+
+    def run_causal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec: injection.StackPrefix, **kwargs):
+        """One pass of a decoder-only base over (B, T) inputs after the prefix ``dec``."""
+        if "logits_to_keep" in kwargs and not self._logits_to_keep:
+            kwargs.pop("logits_to_keep")
+        return self.base(
+            input_ids=input_ids,
+            attention_mask=torch.cat([dec.mask, attention_mask.long()], dim=1),  # (B, P + T)
+            position_ids=injection.positions(dec.lengths, attention_mask),
+            cache=injection.filled_cache(dec.layers, self.cache_config),
+            use_cache=True,
+            **kwargs,
+        )
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the encoder with its prefix.
+
+        Returns:
+            The encoder states (B, S', d) and the key mask cross-attention uses (B, P_cross + S').
+        """
+        encoder = self.base.get_encoder()
+        if "embedding" in batch:  # prompt tuning: trained embeddings before the input
+            embeds = torch.cat([batch["embedding"], encoder.get_input_embeddings()(input_ids)], dim=1)  # (B, P+S, d)
+            mask = torch.cat([batch["embedding_mask"], attention_mask.long()], dim=1)  # (B, P+S)
+            return encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
+        enc = batch["encoder"]
+        queries = torch.zeros(*input_ids.shape, 1, device=self.device, dtype=self.dtype)  # shape only: (B, S, 1)
+        mask = injection.bidirectional_mask(self.base.config, queries, torch.cat([enc.mask, attention_mask.long()], 1))
+        with self._encoder_hooks.active(enc.layers):
+            hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, S, d)
+        return hidden, torch.cat([batch["cross"].mask, attention_mask.long()], dim=1)
+
+    def decoder_cache(self, batch: dict) -> EncoderDecoderCache:
+        if "embedding" in batch:
+            return EncoderDecoderCache(DynamicCache(config=self.cache_config), DynamicCache(config=self.cache_config))
+        return injection.encoder_decoder_cache(batch["decoder"], batch["cross"], self.cache_config)
+
+    def decoder_prefix_mask(self, batch: dict, rows: int) -> torch.Tensor:
+        if "embedding" in batch:
+            return torch.zeros(rows, 0, dtype=torch.long, device=self.device)
+        return batch["decoder"].mask
+
+    def _forward_seq2seq(self, input_ids, attention_mask, labels, batch, decoder_input_ids, decoder_attention_mask, use_cache, **kwargs):
+        if decoder_input_ids is None:
+            if labels is None:
+                raise PrefixTuneError("encoder-decoder forward needs labels or decoder_input_ids")
+            decoder_input_ids = self.base.prepare_decoder_input_ids_from_labels(labels=labels)
+        if decoder_attention_mask is None:
+            decoder_attention_mask = torch.ones_like(decoder_input_ids)
+        hidden, key_mask = self.encode(input_ids, attention_mask, batch)
+        cache = self.decoder_cache(batch)
+        dec_queries = torch.zeros(decoder_input_ids.shape[0], 1, 1, device=self.device, dtype=self.dtype)
+        out = self.base(
+            encoder_outputs=(hidden,),
+            attention_mask=injection.bidirectional_mask(self.base.config, dec_queries, key_mask),  # (B, 1, 1, K)
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=torch.cat(
+                [self.decoder_prefix_mask(batch, len(decoder_input_ids)), decoder_attention_mask.long()], dim=1
+            ),
+            cache=cache,
+            use_cache=True,
+            **kwargs,
+        )
+        loss, count = seq2seq_loss(out.logits, labels) if labels is not None else (None, 0)
+        return PrefixLMOutput(loss, out.logits, count, cache if use_cache else None)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, prefix=None, **generation_kwargs) -> torch.Tensor:
+        """Generate token ids as Hugging Face ``generate`` returns them.
+
+        Decoder-only: (B, T + N), the (left-padded) input followed by new tokens.
+        Encoder-decoder: (B, 1 + N), the decoder start token followed by new tokens. See
+        :func:`prefixtune.generation.generate` for the options.
+        """
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, prefix, **generation_kwargs)
+
+
+def _stack_cache(cache) -> torch.Tensor:
+    """A batch-1 cache's layers → (P, L, 2, H, D)."""
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])  # (L, 2, H, P, D)
+    return kv.permute(3, 0, 1, 2, 4)
