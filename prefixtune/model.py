@@ -307,6 +307,9 @@ class PrefixTunedModel(nn.Module):
             The encoder states (B, S', d) and the key mask cross-attention uses (B, P_cross + S').
         """
         encoder = self.base.get_encoder()
+        # Right-align the source, so relative encoder positions after the prefix are the same as alone.
+        order = torch.sort(1 - attention_mask.long(), dim=1, stable=True).indices  # (B, S)
+        input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
         if "embedding" in batch:  # prompt tuning: trained embeddings before the input
             embeds = torch.cat([batch["embedding"], encoder.get_input_embeddings()(input_ids)], dim=1)  # (B, P+S, d)
             mask = torch.cat([batch["embedding_mask"], attention_mask.long()], dim=1)  # (B, P+S)

@@ -1,0 +1,105 @@
+"""Decoding oracles (issue 2, points 7 and 8c): cached decoding equals recomputation, beams equal HF."""
+
+import pytest
+import torch
+from tiny import ALL, DECODER_ONLY, TinyTokenizer, tiny_model
+
+from prefixtune import PrefixConfig, PrefixTunedModel, PrefixTuneError
+
+TOK = TinyTokenizer()
+
+
+def _model(family, **kw):
+    torch.manual_seed(3)
+    return PrefixTunedModel.wrap(tiny_model(family), PrefixConfig(num_virtual_tokens=3, init_std=0.5, **kw))
+
+
+def _manual_greedy(model, ids, steps, prefix=None):
+    """Greedy decoding by full forward passes, no cache."""
+    enc_dec = model.geometry.is_encoder_decoder
+    out = torch.tensor([[model.base.config.decoder_start_token_id]]) if enc_dec else ids
+    for _ in range(steps):
+        with torch.no_grad():
+            if enc_dec:
+                logits = model(ids, decoder_input_ids=out, prefix=prefix).logits
+            else:
+                logits = model(out, prefix=prefix).logits
+        out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_8c_cached_greedy_equals_full_recomputation(family):
+    model = _model(family)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    got = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(got, _manual_greedy(model, ids, 8))
+    assert torch.equal(model.generate(ids, max_new_tokens=8, eos_token_id=[], num_beams=1), got)
+
+
+@pytest.mark.parametrize("family", DECODER_ONLY)
+@pytest.mark.parametrize("num_beams, length_penalty", [(3, 1.0), (5, 0.8), (4, 2.0)])
+def test_beam_search_with_word_prefix_equals_hf_generate_on_the_prompt(family, num_beams, length_penalty):
+    base = tiny_model(family)
+    model = PrefixTunedModel.wrap(base, PrefixConfig(init_text="table-to-text:", reparameterize=False), TOK)
+    w = torch.tensor([TOK("table-to-text:")["input_ids"]])
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    kwargs = dict(max_new_tokens=12, num_beams=num_beams, length_penalty=length_penalty, eos_token_id=2, pad_token_id=0)
+    got = model.generate(ids, **kwargs)
+    want = base.generate(torch.cat([w, ids], 1), do_sample=False, **kwargs)
+    assert torch.equal(got[:, ids.shape[1]:], want[:, w.shape[1] + ids.shape[1]:])
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_batched_left_padded_generation_equals_each_row_alone(family):
+    model = _model(family)
+    model.add_prefix("B", PrefixConfig(num_virtual_tokens=3 if family == "bart" else 5, init_std=0.5))
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    names = ["default", "B", "default"]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    for beams in (1, 3):
+        batched = model.generate(ids, mask, prefix=names, max_new_tokens=6, num_beams=beams)
+        for i, (row, name) in enumerate(zip(rows, names)):
+            alone = model.generate(torch.tensor([row]), prefix=name, max_new_tokens=6, num_beams=beams)
+            new_alone = alone[0, (0 if model.geometry.is_encoder_decoder else len(row)):]
+            new_batched = batched[i, (0 if model.geometry.is_encoder_decoder else width):][: len(new_alone)]
+            assert torch.equal(new_batched, new_alone), (family, beams, i)
+
+
+def test_eos_min_new_tokens_and_padding():
+    model = _model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    first = model.generate(ids, max_new_tokens=1)[0, -1].item()
+    # Declaring the greedy first token as EOS ends the row at once ...
+    assert model.generate(ids, max_new_tokens=5, eos_token_id=first).shape[1] == 4
+    # ... unless min_new_tokens forbids it.
+    out = model.generate(ids, max_new_tokens=5, min_new_tokens=3, eos_token_id=first)
+    assert out.shape[1] >= 3 + 3 and first not in out[0, 3:5].tolist()
+
+
+def test_no_repeat_ngram_size():
+    model = _model("gpt2")
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20, no_repeat_ngram_size=2, eos_token_id=[])
+    seq = out[0].tolist()
+    bigrams = list(zip(seq, seq[1:]))
+    assert len(bigrams) == len(set(bigrams))
+
+
+def test_sampling_is_seeded_and_varies():
+    model = _model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    a = model.generate(ids, do_sample=True, max_new_tokens=10, generator=g(0), eos_token_id=[], temperature=2.0)
+    b = model.generate(ids, do_sample=True, max_new_tokens=10, generator=g(0), eos_token_id=[], temperature=2.0)
+    c = model.generate(ids, do_sample=True, max_new_tokens=10, generator=g(1), eos_token_id=[], temperature=2.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_bad_generation_options():
+    model = _model("gpt2")
+    with pytest.raises(PrefixTuneError, match="num_beams"):
+        model.generate(torch.tensor([[5]]), num_beams=0)
+    with pytest.raises(PrefixTuneError, match="unknown generation option"):
+        model.generate(torch.tensor([[5]]), beams=3)

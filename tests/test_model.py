@@ -1,0 +1,209 @@
+"""Oracles for the prefixed forward pass on every supported family (issue 2, points 1-6, 8a/8b/8e)."""
+
+import pytest
+import torch
+from tiny import ALL, DECODER_ONLY, ENCODER_DECODER, TinyTokenizer, tiny_model
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config
+
+from prefixtune import PrefixConfig, PrefixTunedModel, PrefixTuneError
+from prefixtune.geometry import read_geometry
+from prefixtune.prefix import count_parameters
+
+WORDS = "table-to-text:"
+TOK = TinyTokenizer()
+
+
+def words_ids():
+    return torch.tensor([TOK(WORDS)["input_ids"]])
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_geometry_matches_the_models_own_cache(family):
+    base = tiny_model(family)
+    geometry = read_geometry(base.config)
+    x = torch.tensor([[5, 6, 7]])
+    if geometry.is_encoder_decoder:
+        cache = base(input_ids=x, decoder_input_ids=x, use_cache=True).cache
+        caches = {"decoder": cache.self_attention_cache, "cross": cache.cross_attention_cache}
+    else:
+        caches = {"decoder": base(input_ids=x, use_cache=True).cache}
+    for name, cache in caches.items():
+        stack = geometry.stack(name)
+        assert len(cache.layers) == stack.num_layers
+        assert tuple(cache.layers[0].keys.shape) == (1, stack.num_kv_heads, 3, stack.head_dim)
+    assert [s.name for s in geometry.stacks] == (["decoder", "encoder", "cross"] if geometry.is_encoder_decoder else ["decoder"])
+
+
+def test_gqa_prefix_uses_kv_heads():
+    geometry = read_geometry(tiny_model("llama").config)
+    assert geometry.stack("decoder").token_shape == (2, 2, 2, 8)  # (L, 2, kv_heads=2 of 4, D)
+
+
+def test_unsupported_model_names_the_missing_field():
+    class Config:
+        model_type = "mystery"
+        hidden_size = 8
+
+    with pytest.raises(PrefixTuneError, match="mystery.*attention heads"):
+        read_geometry(Config())
+
+
+EXTRA = {
+    "qwen2": lambda: Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=96, max_position_embeddings=128),
+    "mistral": lambda: MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=1, vocab_size=96, max_position_embeddings=128),
+    "gpt_neox": lambda: GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=96, max_position_embeddings=128),
+    "opt": lambda: OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
+                             max_position_embeddings=128, word_embed_proj_dim=32),
+    "phi3": lambda: Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=96, max_position_embeddings=128, pad_token_id=0),
+}
+
+
+def _words_equal_prompt(base, mode="kv", reparameterize=True):
+    model = PrefixTunedModel.wrap(base, PrefixConfig(init_text=WORDS, mode=mode, reparameterize=reparameterize), TOK)
+    w = words_ids()
+    x = torch.tensor([[5, 9, 17, 33, 4, 60]])
+    with torch.no_grad():
+        got = model(x).logits
+        want = base(torch.cat([w, x], dim=1)).logits[:, w.shape[1]:]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", DECODER_ONLY)
+@pytest.mark.parametrize("reparameterize", [True, False])
+def test_8a_prefix_from_words_equals_the_prompt(family, reparameterize):
+    _words_equal_prompt(tiny_model(family), reparameterize=reparameterize)
+
+
+@pytest.mark.parametrize("family", DECODER_ONLY)
+def test_8a_embedding_mode_from_words_equals_the_prompt(family):
+    _words_equal_prompt(tiny_model(family), mode="embedding")
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_other_decoder_families_need_no_special_code(name):
+    torch.manual_seed(0)
+    _words_equal_prompt(AutoModelForCausalLM.from_config(EXTRA[name]()).eval())
+
+
+@pytest.mark.parametrize("family", ENCODER_DECODER)
+def test_init_text_reproduces_the_frozen_activations_on_every_stack(family):
+    base = tiny_model(family)
+    model = PrefixTunedModel.wrap(base, PrefixConfig(init_text=WORDS), TOK)
+    targets = model._activations(words_ids(), "kv")
+    produced = model.prefixes["default"]()
+    assert set(produced) == {"decoder", "encoder", "cross"}
+    for name, value in produced.items():
+        torch.testing.assert_close(value, targets[name], atol=1e-4, rtol=0)
+
+
+def _batch(rows):
+    """Right-pad rows of token ids; returns (ids, mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask
+
+
+def _two_prefixes(family, lengths=(3, 5), mode="kv"):
+    base = tiny_model(family)
+    torch.manual_seed(1)
+    model = PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=lengths[0], mode=mode, init_std=0.5), name="A")
+    model.add_prefix("B", PrefixConfig(num_virtual_tokens=lengths[1], mode=mode, init_std=0.5, reparameterize=False))
+    return model
+
+
+def _mixed_equals_alone(model, lengths_differ):
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    names = ["A", "B", "A"]
+    ids, mask = _batch(rows)
+    labels = torch.where(mask.bool(), ids, -100)
+    with torch.no_grad():
+        mixed = model(ids, mask, labels=labels, prefix=names)
+        for i, (row, name) in enumerate(zip(rows, names)):
+            alone = model(torch.tensor([row]), labels=torch.tensor([row]), prefix=name)
+            n = alone.logits.shape[1]
+            torch.testing.assert_close(mixed.logits[i, :n], alone.logits[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("mode", ["kv", "embedding"])
+def test_8b_mixed_batch_with_different_prefix_lengths_equals_each_row_alone(family, mode):
+    _mixed_equals_alone(_two_prefixes(family, (3, 5), mode), True)
+
+
+def test_8b_bart_mixed_batch_of_equal_length_prefixes():
+    _mixed_equals_alone(_two_prefixes("bart", (4, 4)), False)
+
+
+def test_bart_refuses_prefixes_of_different_lengths_in_one_batch():
+    model = _two_prefixes("bart", (3, 5))
+    ids, mask = _batch([[5, 6], [7, 8]])
+    with pytest.raises(PrefixTuneError, match="absolute decoder positions"):
+        model(ids, mask, labels=ids, prefix=["A", "B"])
+
+
+def test_mixed_loss_equals_mean_of_rows():
+    model = _two_prefixes("llama")
+    ids, mask = _batch([[5, 6, 7, 8, 9], [10, 11, 12]])
+    labels = torch.where(mask.bool(), ids, -100)
+    with torch.no_grad():
+        mixed = model(ids, mask, labels=labels, prefix=["A", "B"])
+        a = model(ids[:1], labels=labels[:1], prefix="A")
+        b = model(ids[1:, :3], labels=labels[1:, :3], prefix="B")
+    want = (a.loss * a.num_target_tokens + b.loss * b.num_target_tokens) / (a.num_target_tokens + b.num_target_tokens)
+    torch.testing.assert_close(mixed.loss, want)
+
+
+@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("reparameterize", [True, False])
+def test_8e_training_step_changes_only_the_prefix(family, reparameterize):
+    base = tiny_model(family)
+    config = PrefixConfig(num_virtual_tokens=4, reparameterize=reparameterize, mid_dim=16)
+    model = PrefixTunedModel.wrap(base, config)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    prefix_before = [p.detach().clone() for p in model.trainable_parameters()]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    model.train()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    for name, value in base.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None and not p.requires_grad for p in base.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(prefix_before, model.trainable_parameters()))
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    assert trainable == count_parameters(model.prefixes["default"].config, model.geometry)
+    assert not base.training
+
+
+def test_flat_parameter_count_formula_on_gqa():
+    model = PrefixTunedModel.wrap(tiny_model("llama"), PrefixConfig(num_virtual_tokens=5, reparameterize=False))
+    # P × L × 2 × kv_heads × head_dim
+    assert sum(p.numel() for p in model.trainable_parameters()) == 5 * 2 * 2 * 2 * 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+        ({"num_virtual_tokens": -3}, "num_virtual_tokens"),
+        ({"mode": "lora"}, "mode"),
+        ({"mid_dim": 0}, "mid_dim"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_invalid_config_values(kwargs, match):
+    with pytest.raises(PrefixTuneError, match=match):
+        PrefixConfig(**kwargs)
+
+
+def test_init_text_length_mismatch_and_unknown_prefix():
+    with pytest.raises(PrefixTuneError, match="leave num_virtual_tokens unset"):
+        PrefixTunedModel.wrap(tiny_model("gpt2"), PrefixConfig(init_text=WORDS, num_virtual_tokens=3), TOK)
+    model = PrefixTunedModel.wrap(tiny_model("gpt2"), PrefixConfig(num_virtual_tokens=2))
+    with pytest.raises(PrefixTuneError, match="unknown prefix 'nope'"):
+        model(torch.tensor([[5, 6]]), prefix="nope")
