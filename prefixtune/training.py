@@ -1,0 +1,267 @@
+"""Training a prefix on a frozen model (Li & Liang 2021, §5.3 setup).
+
+AdamW with a linear schedule and warmup, gradient accumulation and clipping; the loss is taken on
+target tokens only. Dev loss is measured every epoch and the best prefix is kept. Checkpoints
+(prefix + optimizer + schedule + data position) allow ``resume`` to continue a killed run and end
+with exactly the prefix an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from . import checkpoint as ckpt
+from .base import load_base
+from .config import PrefixConfig
+from .data import Example, load_examples, resolve_file, subset
+from .errors import PrefixTuneError
+from .features import Formatter, collate, context_length
+from .files import write_json
+from .model import PrefixTunedModel
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how.
+
+    Attributes:
+        output: Run directory: final prefix, log.jsonl, loss.png, checkpoints/.
+        data: Data file or folder (E2E: trainset.csv/devset.csv; JSONL: train.jsonl/dev.jsonl).
+        task: ``jsonl`` or ``e2e``.
+        model: Hugging Face id or local folder; None for the default SmolLM2-135M-Instruct.
+        dev_data: Dev file; default the dev split next to the training data, if any.
+        train_size: Train on a reproducible random subset of this many examples.
+        subset_seed: Seed of that subset.
+        dev_size: Use at most this many dev examples (the first ones).
+        epochs: Passes over the training data.
+        max_steps: Stop after this many optimizer steps (overrides epochs).
+        batch_size: Examples per optimizer step.
+        grad_accum: Split each batch into this many micro-batches (same result, less memory).
+        lr: Peak learning rate.
+        warmup_steps: Linear warmup steps, then linear decay to 0.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: Gradient clipping norm (0 disables).
+        seed: Seed of initialization and data order.
+        dtype: ``fp32`` or ``bf16`` for the frozen model.
+        device: ``cpu`` or ``cuda``.
+        checkpoint_every: Write a checkpoint every this many steps (and at each epoch end).
+        truncate: Cut sources longer than the context instead of failing.
+        resume: Continue from the run directory's last checkpoint.
+        progress: Show a progress bar.
+        prefix: The prefix to train.
+    """
+
+    output: str
+    data: str
+    task: str = "jsonl"
+    model: str | None = None
+    dev_data: str | None = None
+    train_size: int | None = None
+    subset_seed: int = 0
+    dev_size: int | None = None
+    epochs: int = 5
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    dtype: str = "fp32"
+    device: str = "cpu"
+    checkpoint_every: int = 50
+    truncate: bool = False
+    resume: bool = False
+    progress: bool = False
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise PrefixTuneError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PrefixTuneError(f"max_steps must be ≥ 1, got {self.max_steps}")
+        if not self.lr > 0:
+            raise PrefixTuneError(f"lr must be > 0, got {self.lr}")
+        if self.grad_accum > self.batch_size:
+            raise PrefixTuneError(f"grad_accum {self.grad_accum} exceeds batch_size {self.batch_size}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise PrefixTuneError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["prefix"] = self.prefix.to_dict()
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: its directory, steps, and losses."""
+
+    output: Path
+    steps: int
+    final_loss: float
+    best_dev_loss: float | None
+    model: PrefixTunedModel
+
+
+def _load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    train = subset(load_examples(cfg.task, cfg.data, "train"), cfg.train_size, cfg.subset_seed)
+    dev_path = cfg.dev_data or (resolve_file(cfg.task, cfg.data, "dev") if Path(cfg.data).is_dir() else None)
+    dev = load_examples(cfg.task, dev_path, "dev") if dev_path and Path(dev_path).exists() else []
+    return train, dev[: cfg.dev_size] if cfg.dev_size else dev
+
+
+def _batches(num: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's shuffled batches of example indices, fixed by (seed, epoch)."""
+    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, num, batch_size)]
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def dev_loss(model: PrefixTunedModel, features, batch_size: int, pad_id: int) -> float:
+    """Mean cross-entropy per target token over ``features``."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(features), batch_size):
+        out = model(**_to(collate(features[i : i + batch_size], pad_id), model.device))
+        total += float(out.loss) * out.num_target_tokens
+        count += out.num_target_tokens
+    model.train()
+    return total / max(count, 1)
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, dict | None]:
+    run_dir = Path(cfg.output)
+    state = ckpt.load_checkpoint(run_dir) if cfg.resume else None
+    if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise PrefixTuneError(f"{run_dir}: output folder is not empty; pass --resume to continue it or pick another")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, state
+
+
+def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult:
+    """Train a prefix and write the run directory.
+
+    Args:
+        config: A :class:`TrainConfig`; or pass its fields as keyword arguments.
+        base: Optional ``(model, tokenizer)`` already loaded, instead of ``config.model``.
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    cfg = config or TrainConfig(**kwargs)
+    train_examples, dev_examples = _load_splits(cfg)
+    model_obj, tokenizer = base or load_base(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = PrefixTunedModel.wrap(model_obj, cfg.prefix, tokenizer)
+    if cfg.model:
+        model.base_name = cfg.model
+    prefix = model.prefixes[model.active]
+    fmt = Formatter(tokenizer, model.geometry.is_encoder_decoder, context_length(model_obj.config), prefix.num_tokens, cfg.truncate)
+    train_features = [fmt.encode(e) for e in train_examples]
+    dev_features = [fmt.encode(e) for e in dev_examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos
+    run_dir, state = _prepare_run_dir(cfg)  # only once the inputs are known to be good
+
+    steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    step, best, best_step = 0, None, None
+    if state is not None:
+        prefix.load_state_dict(state["prefix"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step, best, best_step = state["step"], state["best_dev_loss"], state["best_step"]
+    write_json(run_dir / "train_config.json", cfg.to_dict())
+    log = ckpt.RunLog(run_dir, keep_until_step=step if state is not None else None)
+    log.write({"event": "start", "step": step, "train_examples": len(train_features), "dev_examples": len(dev_features),
+               "total_steps": total_steps, "trainable_parameters": sum(p.numel() for p in params), "resumed": state is not None})
+
+    def metadata() -> dict:
+        return {"task": cfg.task, "data": str(cfg.data), "train_examples": len(train_features), "steps": step,
+                "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": cfg.dtype,
+                "best_dev_loss": best, "best_step": best_step, "init_text": cfg.prefix.init_text}
+
+    def checkpoint() -> None:
+        ckpt.save_checkpoint(run_dir, {"prefix": prefix.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                                       "step": step, "best_dev_loss": best, "best_step": best_step})
+
+    bar = _progress(cfg.progress, total_steps, step)
+    model.train()
+    loss_value, started, seen = float("nan"), time.perf_counter(), 0
+    micro = math.ceil(cfg.batch_size / cfg.grad_accum)
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        for indices in _batches(len(train_features), cfg.batch_size, cfg.seed, epoch)[offset:]:
+            batch = [train_features[i] for i in indices]
+            targets = sum(sum(t != -100 for t in f.labels) for f in batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for j in range(0, len(batch), micro):
+                out = model(**_to(collate(batch[j : j + micro], pad_id), model.device))
+                (out.loss * (out.num_target_tokens / targets)).backward()
+                loss_sum += float(out.loss.detach()) * out.num_target_tokens
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_value = loss_sum / targets
+            tokens = sum(len(f.input_ids) + (len(f.labels) if f.decoder else 0) for f in batch)
+            seen += tokens
+            rate = seen / (time.perf_counter() - started)
+            log.write({"event": "step", "step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                       "target_tokens": targets, "tokens": tokens, "tokens_per_s": rate})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
+            if step % steps_per_epoch == 0 or step == total_steps:
+                if dev_features:
+                    loss_dev = dev_loss(model, dev_features, cfg.batch_size, pad_id)
+                    log.write({"event": "dev", "step": step, "epoch": epoch, "dev_loss": loss_dev})
+                    if best is None or loss_dev < best:
+                        best, best_step = loss_dev, step
+                        model.save_prefix(run_dir, metadata=metadata())
+                checkpoint()
+            elif step % cfg.checkpoint_every == 0:
+                checkpoint()
+            if step >= total_steps:
+                break
+    if bar is not None:
+        bar.close()
+    if not dev_features:
+        model.save_prefix(run_dir, metadata=metadata())
+    log.write({"event": "end", "step": step, "loss": loss_value, "best_dev_loss": best, "best_step": best_step})
+    log.close()
+    ckpt.plot_losses(run_dir, log.records)
+    return TrainResult(run_dir, step, loss_value, best, model)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def read_log(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / ckpt.LOG).read_text().splitlines() if line.strip()]
