@@ -1,0 +1,115 @@
+"""Training (issue 2, points 9, 10, 16): loop, run directory, accumulation, kill -9 resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
+
+from prefixtune import PrefixConfig, PrefixTuneError
+from prefixtune.training import TrainConfig, read_log, train
+
+E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+
+
+def _base(family="llama"):
+    tok = tiny_tokenizer()
+    base = tiny_model(family)
+    base.resize_token_embeddings(len(tok))
+    return base, tok
+
+
+def _cfg(tmp_path, name="run", **kw):
+    defaults = dict(output=str(tmp_path / name), data=str(E2E), task="e2e", train_size=16, dev_size=8, epochs=2,
+                    batch_size=4, lr=1e-2, prefix=PrefixConfig(num_virtual_tokens=4, mid_dim=32))
+    defaults.update(kw)
+    return TrainConfig(**defaults)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_run_directory_and_learning(tmp_path, family):
+    base, tok = _base(family)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    result = train(_cfg(tmp_path, epochs=4), base=(base, tok))
+    run = Path(result.output)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["prefix.safetensors", "prefix_config.json", "log.jsonl", "loss.png", "checkpoints", "train_config.json"]
+    )
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = read_log(run)
+    steps = [r for r in log if r["event"] == "step"]
+    devs = [r for r in log if r["event"] == "dev"]
+    assert len(steps) == 16 and len(devs) == 4  # 16 examples / batch 4 = 4 steps per epoch
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert devs[-1]["dev_loss"] < devs[0]["dev_loss"]
+    doc = json.loads((run / "prefix_config.json").read_text())
+    assert doc["training"]["best_dev_loss"] == min(d["dev_loss"] for d in devs)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_gradient_accumulation_gives_the_same_prefix(tmp_path):
+    prefixes = []
+    for accum in (1, 2):
+        result = train(_cfg(tmp_path, f"acc{accum}", grad_accum=accum, dev_size=None, epochs=1), base=_base())
+        prefixes.append(load_file(str(Path(result.output) / "prefix.safetensors"))["decoder"])
+    torch.testing.assert_close(prefixes[0], prefixes[1], atol=1e-5, rtol=0)
+
+
+def test_refuses_a_non_empty_output_without_resume(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    with pytest.raises(PrefixTuneError, match="not empty; pass --resume"):
+        train(_cfg(tmp_path), base=_base())
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    with pytest.raises(PrefixTuneError, match="not found"):
+        train(_cfg(tmp_path, data=str(tmp_path / "missing.jsonl"), task="jsonl"), base=_base())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+def _cli_train(model_dir, output, *extra):
+    return [sys.executable, "-m", "prefixtune", "train", "--model", model_dir, "--task", "e2e", "--data", str(E2E),
+            "--train-size", "600", "--dev-size", "8", "--epochs", "2", "--batch-size", "2", "--lr", "1e-2",
+            "--checkpoint-every", "25", "--num-virtual-tokens", "4", "--mid-dim", "32", "--no-progress",
+            "--output", str(output), *extra]
+
+
+def _steps(run):
+    try:
+        return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines() if '"step"' in line]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def test_resume_after_kill_9_mid_epoch_ends_with_the_same_prefix(model_dir, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_cli_train(model_dir, whole), check=True, capture_output=True)
+    proc = subprocess.Popen(_cli_train(model_dir, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(_steps(killed), default=0) < 160:  # epoch 1 is steps 1..300
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reached = max(_steps(killed))
+    assert 160 <= reached < 300, "the kill must land mid-epoch"
+    assert not (killed / "prefix.safetensors").exists()
+    subprocess.run(_cli_train(model_dir, killed, "--resume"), check=True, capture_output=True)
+    starts = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines() if '"start"' in line]
+    assert starts[-1]["resumed"] and 150 <= starts[-1]["step"] <= reached
+    a = load_file(str(whole / "prefix.safetensors"))
+    b = load_file(str(killed / "prefix.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r for r in read_log(whole) if r["event"] == "dev"] == [r for r in read_log(killed) if r["event"] == "dev"]
