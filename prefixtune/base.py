@@ -90,7 +90,9 @@ def load_base(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    path = str(convert_default_model(cache_dir)) if name_or_path in (None, "", "default", DEFAULT_MODEL) else name_or_path
+    path = (
+        str(convert_default_model(cache_dir)) if name_or_path in (None, "", "default", DEFAULT_MODEL) else name_or_path
+    )
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -51,8 +51,9 @@ def decode_texts(
     options = dict(options or {})
     names = [prefix] * len(sources) if prefix is None or isinstance(prefix, str) else list(prefix)
     first = model._prefix(names[0] if names else None)
-    fmt = Formatter(tokenizer, model.geometry.is_encoder_decoder, context_length(model.base.config),
-                    first.num_tokens, truncate)
+    fmt = Formatter(
+        tokenizer, model.geometry.is_encoder_decoder, context_length(model.base.config), first.num_tokens, truncate
+    )
     room = options.get("max_new_tokens", 64)
     prompts = [fmt.source_ids(s, f"source {i + 1}", target_room=room) for i, s in enumerate(sources)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -69,8 +70,13 @@ def decode_texts(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in chunk], pad_id)
-        out = model.generate(ids.to(model.device), mask.to(model.device), prefix=[names[i] for i in chunk],
-                             generator=generator, **options)
+        out = model.generate(
+            ids.to(model.device),
+            mask.to(model.device),
+            prefix=[names[i] for i in chunk],
+            generator=generator,
+            **options,
+        )
         skip = 1 if model.geometry.is_encoder_decoder else ids.shape[1]
         for row, i in enumerate(chunk):
             outputs[i] = tokenizer.decode(out[row, skip:].tolist(), skip_special_tokens=True).strip()

@@ -45,7 +45,9 @@ class Formatter:
         truncate: Cut sources that do not fit instead of raising an error.
     """
 
-    def __init__(self, tokenizer, is_encoder_decoder: bool, context: int | None, prefix_len: int, truncate: bool = False):
+    def __init__(
+        self, tokenizer, is_encoder_decoder: bool, context: int | None, prefix_len: int, truncate: bool = False
+    ):
         self.tokenizer = tokenizer
         self.is_encoder_decoder = is_encoder_decoder
         self.context = context
@@ -83,7 +85,9 @@ class Formatter:
         target = self._ids(example.target) + [self.eos]
         if self.is_encoder_decoder:
             if self.context is not None and len(target) > self.context:
-                raise PrefixTuneError(f"{example.origin}: target of {len(target)} tokens exceeds context {self.context}")
+                raise PrefixTuneError(
+                    f"{example.origin}: target of {len(target)} tokens exceeds context {self.context}"
+                )
             return Features(self.source_ids(example.source, example.origin), target, example.origin, decoder=True)
         prompt = self.source_ids(example.source, example.origin, target_room=len(target))
         return Features(prompt + target, [-100] * len(prompt) + target, example.origin)

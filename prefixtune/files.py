@@ -25,8 +25,17 @@ CONFIG = "prefix_config.json"
 FORMAT = "prefixtune-prefix"
 VERSION = 1
 # Config keys that describe how a model was loaded or saved, not what it computes.
-_VOLATILE = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
-             "_attn_implementation", "_attn_implementation_autoset", "use_cache", "architectures"}
+_VOLATILE = {
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "use_cache",
+    "architectures",
+}
 
 
 def fingerprint(model: torch.nn.Module) -> str:

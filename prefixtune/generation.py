@@ -110,7 +110,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix
         The decode state and the logits (B, V) for the first new token.
     """
     batch = model.batch_prefix(prefix, input_ids.shape[0])
-    base, config = model.base, model.base.config
+    config = model.base.config
     if not model.geometry.is_encoder_decoder:
         dec = batch["decoder"]
         out = model.run_causal(input_ids, attention_mask, dec, logits_to_keep=1)
@@ -173,7 +173,9 @@ def _processors(opts: GenerationOptions, prompt_len: int, eos: list[int], sampli
     return procs
 
 
-def generate(model, input_ids, attention_mask=None, prefix=None, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+def generate(
+    model, input_ids, attention_mask=None, prefix=None, generator: torch.Generator | None = None, **kwargs
+) -> torch.Tensor:
     """Generate with each row's prefix; returns ids as Hugging Face ``generate`` does.
 
     Args:
@@ -290,7 +292,9 @@ def _beam_search(model, state, logits, prompt, opts, eos, pad) -> torch.Tensor:
         merged_scores = torch.cat([finished_scores, done_scores], dim=1)  # (B, 3K)
         best = torch.topk(merged_scores, k).indices
         finished_seqs = torch.cat([finished_seqs, cand], dim=1)[rows, best]
-        finished_len = torch.cat([finished_len, torch.full_like(done_scores, generated, dtype=torch.long)], 1)[rows, best]
+        finished_len = torch.cat([finished_len, torch.full_like(done_scores, generated, dtype=torch.long)], 1)[
+            rows, best
+        ]
         is_finished = torch.cat([is_finished, hits & top_k_mask], dim=1)[rows, best]
         finished_scores = merged_scores.gather(1, best)
 

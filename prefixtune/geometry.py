@@ -150,5 +150,7 @@ def read_geometry(config) -> Geometry:
     hidden = _first(config, hs, "hidden size")
     n_heads = _first(config, heads, "attention heads")
     head_dim = _first(config, hd, "head dim", required=False) or hidden // n_heads
-    stack = StackGeometry("decoder", _first(config, layers, "layer count"), _first(config, kv_heads, "kv heads"), head_dim)
+    stack = StackGeometry(
+        "decoder", _first(config, layers, "layer count"), _first(config, kv_heads, "kv heads"), head_dim
+    )
     return Geometry(model_type, False, hidden, (stack,))

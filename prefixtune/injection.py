@@ -182,9 +182,7 @@ class EncoderPrefixHooks:
     def __init__(self, modules: list[nn.Module]) -> None:
         self._current: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._record: list | None = None
-        self._handles = [
-            m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(modules)
-        ]
+        self._handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(modules)]
 
     def _hook(self, index: int):
         def hook(module, args, kwargs):

@@ -59,7 +59,9 @@ def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 def seq2seq_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy in fp32 where decoder position t predicts labels[t]."""
     count = int((labels != -100).sum())
-    loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    loss = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
     return loss, count
 
 
@@ -92,7 +94,9 @@ class PrefixTunedModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def wrap(cls, base_model: nn.Module, config: PrefixConfig, tokenizer=None, name: str = "default") -> PrefixTunedModel:
+    def wrap(
+        cls, base_model: nn.Module, config: PrefixConfig, tokenizer=None, name: str = "default"
+    ) -> PrefixTunedModel:
         """Freeze ``base_model`` and add one trainable prefix named ``name``."""
         model = cls(base_model, tokenizer)
         model.add_prefix(name, config, tokenizer)
@@ -300,7 +304,9 @@ class PrefixTunedModel(nn.Module):
             **kwargs,
         )
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the encoder with its prefix.
 
         Returns:
@@ -331,7 +337,9 @@ class PrefixTunedModel(nn.Module):
             return torch.zeros(rows, 0, dtype=torch.long, device=self.device)
         return batch["decoder"].mask
 
-    def _forward_seq2seq(self, input_ids, attention_mask, labels, batch, decoder_input_ids, decoder_attention_mask, use_cache, **kwargs):
+    def _forward_seq2seq(
+        self, input_ids, attention_mask, labels, batch, decoder_input_ids, decoder_attention_mask, use_cache, **kwargs
+    ):
         if decoder_input_ids is None:
             if labels is None:
                 raise PrefixTuneError("encoder-decoder forward needs labels or decoder_input_ids")
@@ -355,7 +363,9 @@ class PrefixTunedModel(nn.Module):
         loss, count = seq2seq_loss(out.logits, labels) if labels is not None else (None, 0)
         return PrefixLMOutput(loss, out.logits, count, cache if use_cache else None)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, prefix=None, **generation_kwargs) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, prefix=None, **generation_kwargs
+    ) -> torch.Tensor:
         """Generate token ids as Hugging Face ``generate`` returns them.
 
         Decoder-only: (B, T + N), the (left-padded) input followed by new tokens.

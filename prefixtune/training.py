@@ -171,7 +171,9 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     if cfg.model:
         model.base_name = cfg.model
     prefix = model.prefixes[model.active]
-    fmt = Formatter(tokenizer, model.geometry.is_encoder_decoder, context_length(model_obj.config), prefix.num_tokens, cfg.truncate)
+    fmt = Formatter(
+        tokenizer, model.geometry.is_encoder_decoder, context_length(model_obj.config), prefix.num_tokens, cfg.truncate
+    )
     train_features = [fmt.encode(e) for e in train_examples]
     dev_features = [fmt.encode(e) for e in dev_examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos
@@ -191,18 +193,46 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
         step, best, best_step = state["step"], state["best_dev_loss"], state["best_step"]
     write_json(run_dir / "train_config.json", cfg.to_dict())
     log = ckpt.RunLog(run_dir, keep_until_step=step if state is not None else None)
-    log.write({"event": "start", "step": step, "train_examples": len(train_features), "dev_examples": len(dev_features),
-               "total_steps": total_steps, "trainable_parameters": sum(p.numel() for p in params), "resumed": state is not None})
+    log.write(
+        {
+            "event": "start",
+            "step": step,
+            "train_examples": len(train_features),
+            "dev_examples": len(dev_features),
+            "total_steps": total_steps,
+            "trainable_parameters": sum(p.numel() for p in params),
+            "resumed": state is not None,
+        }
+    )
 
     def metadata() -> dict:
-        return {"task": cfg.task, "data": str(cfg.data), "train_examples": len(train_features), "steps": step,
-                "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": cfg.dtype,
-                "best_dev_loss": best, "best_step": best_step, "init_text": cfg.prefix.init_text}
+        return {
+            "task": cfg.task,
+            "data": str(cfg.data),
+            "train_examples": len(train_features),
+            "steps": step,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "dtype": cfg.dtype,
+            "best_dev_loss": best,
+            "best_step": best_step,
+            "init_text": cfg.prefix.init_text,
+        }
 
     def checkpoint() -> None:
-        ckpt.save_checkpoint(run_dir, {"prefix": prefix.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                       "step": step, "best_dev_loss": best, "best_step": best_step})
+        ckpt.save_checkpoint(
+            run_dir,
+            {
+                "prefix": prefix.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "step": step,
+                "best_dev_loss": best,
+                "best_step": best_step,
+            },
+        )
 
     bar = _progress(cfg.progress, total_steps, step)
     model.train()
@@ -228,8 +258,18 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
             tokens = sum(len(f.input_ids) + (len(f.labels) if f.decoder else 0) for f in batch)
             seen += tokens
             rate = seen / (time.perf_counter() - started)
-            log.write({"event": "step", "step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                       "target_tokens": targets, "tokens": tokens, "tokens_per_s": rate})
+            log.write(
+                {
+                    "event": "step",
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "target_tokens": targets,
+                    "tokens": tokens,
+                    "tokens_per_s": rate,
+                }
+            )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")

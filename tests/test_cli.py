@@ -3,20 +3,34 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from paths import E2E
 from safetensors.torch import load_file
 from tiny import save_tiny_model_dir
 
-from prefixtune.cli import build_parser, main
 from prefixtune.checkpoint import load_checkpoint
+from prefixtune.cli import build_parser, main
 
-E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
-TRAIN_FLAGS = ["--model", "--task", "--data", "--train-size", "--output", "--resume", "--epochs", "--max-steps",
-               "--batch-size", "--lr", "--seed", "--num-virtual-tokens", "--init-text", "--mode", "--no-reparameterize",
-               "--mid-dim"]
+TRAIN_FLAGS = [
+    "--model",
+    "--task",
+    "--data",
+    "--train-size",
+    "--output",
+    "--resume",
+    "--epochs",
+    "--max-steps",
+    "--batch-size",
+    "--lr",
+    "--seed",
+    "--num-virtual-tokens",
+    "--init-text",
+    "--mode",
+    "--no-reparameterize",
+    "--mid-dim",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +46,30 @@ def other_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    code = main(["train", "--model", model_dir, "--task", "e2e", "--data", str(E2E), "--train-size", "8",
-                 "--dev-size", "4", "--max-steps", "3", "--batch-size", "4", "--init-text", "table-to-text:",
-                 "--no-progress", "--output", str(out)])
+    code = main(
+        [
+            "train",
+            "--model",
+            model_dir,
+            "--task",
+            "e2e",
+            "--data",
+            str(E2E),
+            "--train-size",
+            "8",
+            "--dev-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--init-text",
+            "table-to-text:",
+            "--no-progress",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -60,9 +95,31 @@ def test_generate_from_stdin_file_and_split(run_dir, tmp_path, monkeypatch, caps
     assert main(["generate", "--prefix", str(run_dir), "--max-new-tokens", "3", "--no-progress"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
     out = tmp_path / "pred.txt"
-    assert main(["generate", "--prefix", str(run_dir), "--task", "e2e", "--data", str(E2E), "--split", "dev",
-                 "--max-new-tokens", "2", "--batch-size", "64", "--num-beams", "2", "--no-progress",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prefix",
+                str(run_dir),
+                "--task",
+                "e2e",
+                "--data",
+                str(E2E),
+                "--split",
+                "dev",
+                "--max-new-tokens",
+                "2",
+                "--batch-size",
+                "64",
+                "--num-beams",
+                "2",
+                "--no-progress",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(out.read_text().splitlines()) == 547  # one line per unique dev MR
 
 
@@ -79,7 +136,11 @@ def test_export_from_checkpoint_ejects_the_mlp(run_dir, tmp_path):
     assert main(["export", str(run_dir), str(out)]) == 0
     flat = load_file(str(out / "prefix.safetensors"))["decoder"]
     state = load_checkpoint(run_dir)["prefix"]
-    emb, w1, b1 = state["parts.decoder.embedding"], state["parts.decoder.mlp.0.weight"], state["parts.decoder.mlp.0.bias"]
+    emb, w1, b1 = (
+        state["parts.decoder.embedding"],
+        state["parts.decoder.mlp.0.weight"],
+        state["parts.decoder.mlp.0.bias"],
+    )
     w2, b2 = state["parts.decoder.mlp.2.weight"], state["parts.decoder.mlp.2.bias"]
     want = (torch.tanh(emb @ w1.T + b1) @ w2.T + b2).view(flat.shape)
     torch.testing.assert_close(flat, want)
@@ -106,7 +167,9 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(model_dir, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("flags, message", [(["--num-virtual-tokens", "0"], "must be > 0"), (["--mode", "lora"], "invalid choice")])
+@pytest.mark.parametrize(
+    "flags, message", [(["--num-virtual-tokens", "0"], "must be > 0"), (["--mode", "lora"], "invalid choice")]
+)
 def test_invalid_prefix_flags_exit_non_zero(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--data", "x", "--output", str(tmp_path / "o"), *flags])
@@ -116,12 +179,39 @@ def test_invalid_prefix_flags_exit_non_zero(flags, message, tmp_path, capsys):
 def test_truncate_flag_allows_long_inputs(model_dir, tmp_path):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"source": "word " * 600, "target": "x"}) + "\n")
-    assert main(["train", "--model", model_dir, "--data", str(data), "--max-steps", "1", "--truncate",
-                 "--no-progress", "--output", str(tmp_path / "o")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                model_dir,
+                "--data",
+                str(data),
+                "--max-steps",
+                "1",
+                "--truncate",
+                "--no-progress",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_prefix_from_another_base_model_is_refused(run_dir, other_model_dir, tmp_path, capsys):
     (tmp_path / "in.txt").write_text("name : The Vaults\n")
-    err = _error(capsys, ["generate", "--prefix", str(run_dir), "--model", other_model_dir, "--input",
-                          str(tmp_path / "in.txt"), "--no-progress"])
+    err = _error(
+        capsys,
+        [
+            "generate",
+            "--prefix",
+            str(run_dir),
+            "--model",
+            other_model_dir,
+            "--input",
+            str(tmp_path / "in.txt"),
+            "--no-progress",
+        ],
+    )
     assert "tiny-llama" in err and "other-llama" in err

@@ -1,16 +1,14 @@
 """Data loading (issue 2, point 13) on the real E2E release in ../shared/data."""
 
 import json
-from pathlib import Path
 
 import pytest
+from paths import E2E
 from tiny import tiny_tokenizer
 
 from prefixtune import PrefixTuneError
 from prefixtune.data import Example, linearize_e2e, load_examples, subset
 from prefixtune.features import Formatter, collate
-
-E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 
 
 @pytest.mark.parametrize("split, rows, sources", [("train", 42061, 4862), ("dev", 4672, 547), ("test", 4693, 630)])
@@ -23,7 +21,8 @@ def test_e2e_counts_match_the_release(split, rows, sources):
 def test_e2e_linearization_as_in_the_paper():
     first = load_examples("e2e", E2E / "trainset.csv")[0]
     assert first.source == (
-        "name : The Vaults | eatType : pub | priceRange : more than £30 | customer rating : 5 out of 5 | near : Café Adriatic"
+        "name : The Vaults | eatType : pub | priceRange : more than £30 | "
+        "customer rating : 5 out of 5 | near : Café Adriatic"
     )
     assert first.target.startswith("The Vaults pub near Café Adriatic")
     assert first.origin.endswith("trainset.csv:2")
@@ -40,9 +39,13 @@ def test_subset_is_reproducible_and_seeded():
 
 def test_jsonl_target_and_targets(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"source": "a", "target": "b"}) + "\n\n" + json.dumps({"source": "c", "targets": ["d", "e"]}) + "\n")
+    path.write_text(
+        json.dumps({"source": "a", "target": "b"}) + "\n\n" + json.dumps({"source": "c", "targets": ["d", "e"]}) + "\n"
+    )
     assert load_examples("jsonl", path) == [
-        Example("a", "b", f"{path}:1"), Example("c", "d", f"{path}:3"), Example("c", "e", f"{path}:3")
+        Example("a", "b", f"{path}:1"),
+        Example("c", "d", f"{path}:3"),
+        Example("c", "e", f"{path}:3"),
     ]
 
 

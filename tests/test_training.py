@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import E2E
 from safetensors.torch import load_file
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
 from prefixtune import PrefixConfig, PrefixTuneError
 from prefixtune.training import TrainConfig, read_log, train
-
-E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 
 
 def _base(family="llama"):
@@ -27,8 +26,17 @@ def _base(family="llama"):
 
 
 def _cfg(tmp_path, name="run", **kw):
-    defaults = dict(output=str(tmp_path / name), data=str(E2E), task="e2e", train_size=16, dev_size=8, epochs=2,
-                    batch_size=4, lr=1e-2, prefix=PrefixConfig(num_virtual_tokens=4, mid_dim=32))
+    defaults = dict(
+        output=str(tmp_path / name),
+        data=str(E2E),
+        task="e2e",
+        train_size=16,
+        dev_size=8,
+        epochs=2,
+        batch_size=4,
+        lr=1e-2,
+        prefix=PrefixConfig(num_virtual_tokens=4, mid_dim=32),
+    )
     defaults.update(kw)
     return TrainConfig(**defaults)
 
@@ -81,10 +89,38 @@ def model_dir(tmp_path_factory):
 
 
 def _cli_train(model_dir, output, *extra):
-    return [sys.executable, "-m", "prefixtune", "train", "--model", model_dir, "--task", "e2e", "--data", str(E2E),
-            "--train-size", "600", "--dev-size", "8", "--epochs", "2", "--batch-size", "2", "--lr", "1e-2",
-            "--checkpoint-every", "25", "--num-virtual-tokens", "4", "--mid-dim", "32", "--no-progress",
-            "--output", str(output), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "prefixtune",
+        "train",
+        "--model",
+        model_dir,
+        "--task",
+        "e2e",
+        "--data",
+        str(E2E),
+        "--train-size",
+        "600",
+        "--dev-size",
+        "8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--checkpoint-every",
+        "25",
+        "--num-virtual-tokens",
+        "4",
+        "--mid-dim",
+        "32",
+        "--no-progress",
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 def _steps(run):

@@ -22,17 +22,38 @@ def _common():
 CONFIGS = {
     "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **_common()),
     "llama": lambda: LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, **_common()
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **_common(),
     ),
     "bart": lambda: BartConfig(
-        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=512, decoder_start_token_id=2,
-        forced_eos_token_id=None, **_common()
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=512,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        **_common(),
     ),
     "t5": lambda: T5Config(
-        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
-        decoder_start_token_id=0, vocab_size=VOCAB, pad_token_id=0, eos_token_id=2,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        decoder_start_token_id=0,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        eos_token_id=2,
     ),
 }
 DECODER_ONLY = ("gpt2", "llama")
@@ -75,7 +96,9 @@ def tiny_tokenizer(vocab_size: int = 320):
     ] * 20
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def save_tiny_model_dir(path, family: str = "llama", seed: int = 0):
