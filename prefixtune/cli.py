@@ -142,9 +142,9 @@ def cmd_train(args) -> int:
         truncate=args.truncate,
         resume=args.resume,
         progress=not args.no_progress,
+        cache_dir=_cache_dir(),
         prefix=prefix,
     )
-    _set_cache()
     result = train(cfg)
     best = f", best dev loss {result.best_dev_loss:.4f}" if result.best_dev_loss is not None else ""
     print(
@@ -222,9 +222,8 @@ def cmd_generate(args) -> int:
     from .decode import decode_texts, load_for_inference
     from .files import atomic_write
 
-    _set_cache()
     sources = _sources(args)
-    model, tokenizer, name = load_for_inference(args.prefix, args.model, args.dtype, args.device)
+    model, tokenizer, name = load_for_inference(args.prefix, args.model, args.dtype, args.device, _cache_dir())
     options = dict(
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
@@ -271,8 +270,7 @@ def _add_export(sub) -> None:
 def cmd_export(args) -> int:
     from .decode import export_run
 
-    _set_cache()
-    path = export_run(args.run, args.output, args.model)
+    path = export_run(args.run, args.output, args.model, _cache_dir())
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -315,12 +313,9 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _set_cache() -> None:
-    """Honour PREFIXTUNE_CACHE for the converted default model (the library reads no environment)."""
-    if os.environ.get("PREFIXTUNE_CACHE"):
-        from . import base
-
-        base.default_cache_dir = lambda: Path(os.environ["PREFIXTUNE_CACHE"])
+def _cache_dir() -> Path | None:
+    """PREFIXTUNE_CACHE: where the converted default model is kept (default ~/.cache/prefixtune)."""
+    return Path(os.environ["PREFIXTUNE_CACHE"]) if os.environ.get("PREFIXTUNE_CACHE") else None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,14 +21,17 @@ def _base_for(name: str | None):
     return None if name in (None, DEFAULT_MODEL) else name
 
 
-def load_for_inference(prefix_path, model_name: str | None = None, dtype: str = "fp32", device: str = "cpu"):
+def load_for_inference(
+    prefix_path, model_name: str | None = None, dtype: str = "fp32", device: str = "cpu", cache_dir: Path | None = None
+):
     """Load the base model a prefix was trained on (or ``model_name``) and the prefix.
 
     Returns:
         (model, tokenizer, prefix name).
     """
     document = read_prefix_config(prefix_path)
-    base, tokenizer = load_base(model_name or _base_for(document["base_model"]["name"]), dtype=dtype, device=device)
+    base_name = model_name or _base_for(document["base_model"]["name"])
+    base, tokenizer = load_base(base_name, dtype=dtype, device=device, cache_dir=cache_dir)
     model = PrefixTunedModel(base, tokenizer)
     model.base_name = model_name or document["base_model"]["name"]
     name = "default"
@@ -87,12 +90,12 @@ def decode_texts(
     return outputs
 
 
-def export_run(run, output, model_name: str | None = None) -> Path:
+def export_run(run, output, model_name: str | None = None, cache_dir: Path | None = None) -> Path:
     """Write an ejected prefix folder from a run's last checkpoint, or re-save a prefix folder."""
     run, output = Path(run), Path(output)
     state = load_checkpoint(run) if (run / CHECKPOINT).is_file() else None
     if state is None:
-        model, _, name = load_for_inference(run, model_name)
+        model, _, name = load_for_inference(run, model_name, cache_dir=cache_dir)
         model.save_prefix(output, name=name)
         return output
     config_file = run / "train_config.json"
@@ -101,7 +104,7 @@ def export_run(run, output, model_name: str | None = None) -> Path:
     train_config = json.loads(config_file.read_text())
     prefix_fields = {f.name for f in dataclasses.fields(PrefixConfig)}
     prefix_config = PrefixConfig(**{k: v for k, v in train_config["prefix"].items() if k in prefix_fields})
-    base, tokenizer = load_base(model_name or train_config.get("model"), dtype="fp32")
+    base, tokenizer = load_base(model_name or train_config.get("model"), dtype="fp32", cache_dir=cache_dir)
     tokens = state["prefix"][next(k for k in state["prefix"] if k.endswith(("embedding", "flat")))].shape[0]
     prefix_config.num_virtual_tokens, prefix_config.init_text = tokens, None
     model = PrefixTunedModel.wrap(base, prefix_config, tokenizer)

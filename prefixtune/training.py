@@ -56,6 +56,7 @@ class TrainConfig:
         truncate: Cut sources longer than the context instead of failing.
         resume: Continue from the run directory's last checkpoint.
         progress: Show a progress bar.
+        cache_dir: Where the converted default model is cached (default ~/.cache/prefixtune).
         prefix: The prefix to train.
     """
 
@@ -82,6 +83,7 @@ class TrainConfig:
     truncate: bool = False
     resume: bool = False
     progress: bool = False
+    cache_dir: str | None = None
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
 
     def __post_init__(self) -> None:
@@ -165,7 +167,9 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     """
     cfg = config or TrainConfig(**kwargs)
     train_examples, dev_examples = _load_splits(cfg)
-    model_obj, tokenizer = base or load_base(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model_obj, tokenizer = base or load_base(
+        cfg.model, dtype=cfg.dtype, device=cfg.device, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None
+    )
     torch.manual_seed(cfg.seed)
     model = PrefixTunedModel.wrap(model_obj, cfg.prefix, tokenizer)
     if cfg.model:

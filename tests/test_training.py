@@ -14,6 +14,7 @@ from paths import E2E
 from safetensors.torch import load_file
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
+import prefixtune
 from prefixtune import PrefixConfig, PrefixTuneError
 from prefixtune.training import TrainConfig, read_log, train
 
@@ -45,7 +46,7 @@ def _cfg(tmp_path, name="run", **kw):
 def test_run_directory_and_learning(tmp_path, family):
     base, tok = _base(family)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    result = train(_cfg(tmp_path, epochs=4), base=(base, tok))
+    result = prefixtune.train(_cfg(tmp_path, epochs=4), base=(base, tok))  # the public entry point
     run = Path(result.output)
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["prefix.safetensors", "prefix_config.json", "log.jsonl", "loss.png", "checkpoints", "train_config.json"]
