@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from .data import TASKS
 from .errors import PrefixTuneError
 
 
@@ -39,7 +40,7 @@ def _add_train(sub) -> None:
     g.add_argument(
         "--model", default=None, help="Hugging Face model id or local folder (default: SmolLM2-135M-Instruct, offline)"
     )
-    g.add_argument("--task", default="jsonl", choices=["jsonl", "e2e"], help="data format (default: jsonl)")
+    g.add_argument("--task", default="jsonl", choices=TASKS, help="data format (default: jsonl)")
     g.add_argument(
         "--data",
         required=True,
@@ -165,7 +166,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--prefix", required=True, help="prefix folder or run directory")
     p.add_argument("--model", default=None, help="base model (default: the one the prefix was trained on)")
     p.add_argument("--input", default=None, help="file with one source per line (default: stdin)")
-    p.add_argument("--task", default=None, choices=["jsonl", "e2e"], help="read sources from a data split instead")
+    p.add_argument("--task", default=None, choices=TASKS, help="read sources from a data split instead")
     p.add_argument("--data", default=None, help="data file or folder, with --task")
     p.add_argument(
         "--split", default="test", choices=["train", "dev", "test"], help="split, with --task (default: test)"
@@ -207,9 +208,9 @@ def _sources(args) -> list[str]:
 
         return list(dict.fromkeys(e.source for e in load_examples(args.task, args.data, args.split)))
     if args.input:
-        from .data import _read_text
+        from .data import read_text
 
-        text = _read_text(Path(args.input))
+        text = read_text(Path(args.input))
     else:
         text = sys.stdin.read()
     sources = [line for line in text.splitlines() if line.strip()]

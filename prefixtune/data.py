@@ -1,120 +1,144 @@
-"""Training data: generic JSONL and the E2E release, linearized as in the paper (§5.1).
+"""Tasks, splits and where their files are: E2E, WebNLG 2017, DART, XSUM-style and generic JSONL.
 
-E2E meaning representations ``name[The Vaults], eatType[pub]`` become
-``name : The Vaults | eatType : pub``. Every example keeps where it came from (``file:line``)
-so that errors name it.
+``load_examples(task, data, split)`` reads a file, or finds the split's file inside a folder laid
+out as the official release. ``group_references`` turns examples into one (source, references)
+item per unique source, in order of first appearance: the unit of decoding and evaluation.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import random
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PrefixTuneError
+from .formats import (
+    Example,
+    read_dart_json,
+    read_e2e,
+    read_jsonl,
+    read_line_pairs,
+    read_text,
+    read_triples_xml,
+    read_webnlg_json,
+)
 
-TASKS = ("jsonl", "e2e")
-_E2E_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
-_E2E_SLOT = re.compile(r"\s*([^\[\],]+?)\s*\[(.*?)\]\s*(?:,|$)")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One (source, target) pair.
-
-    Attributes:
-        source: The linearized input text.
-        target: One reference text.
-        origin: ``file:line`` it was read from.
-    """
-
-    source: str
-    target: str
-    origin: str
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise PrefixTuneError(f"{path}: data file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise PrefixTuneError(f"{path}:{line}: not UTF-8 (byte {e.start})") from None
-    if not text.strip():
-        raise PrefixTuneError(f"{path}: data file is empty")
-    return text
-
-
-def read_jsonl(path: Path) -> list[Example]:
-    """``{"source": ..., "target": ...}`` or ``{"source": ..., "targets": [...]}`` per line."""
-    examples = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PrefixTuneError(f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("source"), str):
-            raise PrefixTuneError(f"{where}: needs a string field 'source'")
-        targets = obj.get("targets", [obj["target"]] if "target" in obj else None)
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            raise PrefixTuneError(f"{where}: needs a string 'target' or a non-empty list of strings 'targets'")
-        examples.extend(Example(obj["source"], t, where) for t in targets)
-    return examples
+TASKS = ("jsonl", "e2e", "webnlg", "dart", "xsum")
+SPLITS = ("train", "dev", "test", "test_seen", "test_unseen")
+# The folder each task has under a data root such as PREFIXTUNE_DATA or ../shared/data.
+TASK_DIRS = {"e2e": "e2e", "webnlg": "webnlg2017", "dart": "dart", "xsum": "xsum", "jsonl": "jsonl"}
+# WebNLG 2017: the 10 categories seen in training; the test set's other 5 are "unseen".
+WEBNLG_SEEN = frozenset(
+    {
+        "Airport",
+        "Astronaut",
+        "Building",
+        "City",
+        "ComicsCharacter",
+        "Food",
+        "Monument",
+        "SportsTeam",
+        "University",
+        "WrittenWork",
+    }
+)
+_E2E = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
+_WEBNLG_TEST = {
+    "test": "testdata_with_lex.xml",
+    "test_seen": "testdata_with_lex.xml",
+    "test_unseen": "testdata_unseen_with_lex.xml",
+}
+_DART = {"train": "dart-v1.1.1-full-train", "dev": "dart-v1.1.1-full-dev", "test": "dart-v1.1.1-full-test"}
 
 
-def linearize_e2e(mr: str) -> str:
-    """``name[The Vaults], eatType[pub]`` → ``name : The Vaults | eatType : pub``."""
-    slots = _E2E_SLOT.findall(mr)
-    if not slots:
-        raise ValueError(f"not an E2E meaning representation: {mr!r}")
-    return " | ".join(f"{key} : {value}" for key, value in slots)
+def data_root_for(task: str, root: str | Path) -> Path:
+    """The task's folder under a data root (``root/e2e``, ``root/webnlg2017``, ...)."""
+    return Path(root) / TASK_DIRS[task]
 
 
-def read_e2e(path: Path) -> list[Example]:
-    """An E2E CSV file with header ``mr,ref`` (one row per reference)."""
-    reader = csv.reader(_read_text(path).splitlines())
-    header = next(reader)
-    if [h.strip() for h in header[:2]] != ["mr", "ref"]:
-        raise PrefixTuneError(f"{path}:1: expected header 'mr,ref', got {','.join(header)!r}")
-    examples = []
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        if len(row) < 2:
-            raise PrefixTuneError(f"{where}: expected 2 columns (mr, ref), got {len(row)}")
-        try:
-            source = linearize_e2e(row[0])
-        except ValueError as e:
-            raise PrefixTuneError(f"{where}: {e}") from None
-        examples.append(Example(source, row[1].strip(), where))
-    return examples
+def _first_existing(candidates: list[Path], what: str) -> Path:
+    for path in candidates:
+        if path.exists():
+            return path
+    raise PrefixTuneError(f"{what}: not found (looked for {', '.join(str(p) for p in candidates)})")
 
 
-def resolve_file(task: str, data: str | Path, split: str) -> Path:
-    """The file for ``split`` of ``task``: ``data`` itself, or a file inside the folder ``data``."""
-    path = Path(data)
-    if not path.is_dir():
-        return path
+def split_files(task: str, folder: Path, split: str) -> list[Path]:
+    """The files holding ``split`` of ``task`` inside a release folder."""
     if task == "e2e":
-        return path / _E2E_FILES[split]
-    return path / f"{split}.jsonl"
+        return [_first_existing([folder / _E2E.get(split, f"{split}.csv")], f"{folder}: E2E {split} split")]
+    if task == "webnlg":
+        if split in _WEBNLG_TEST:
+            return [
+                _first_existing(
+                    [folder / "test" / _WEBNLG_TEST[split], folder / _WEBNLG_TEST[split]],
+                    f"{folder}: WebNLG {split} split",
+                )
+            ]
+        files = sorted((folder / split).glob("**/*.xml"))
+        return files or [_first_existing([folder / f"{split}.json"], f"{folder}: WebNLG {split} split")]
+    if task == "dart":
+        stem = _DART.get(split, split)
+        names = [f"{stem}.json", f"{stem}.xml"]
+        candidates = [d / n for d in (folder, folder / "v1.1.1", folder / "data" / "v1.1.1") for n in names]
+        return [_first_existing(candidates, f"{folder}: DART {split} split")]
+    if task == "xsum":
+        if (folder / f"{split}.source").exists():
+            return [folder / f"{split}.source", folder / f"{split}.target"]
+        return [_first_existing([folder / f"{split}.jsonl"], f"{folder}: {split}.source/.target or {split}.jsonl")]
+    return [_first_existing([folder / f"{split}.jsonl"], f"{folder}: {split}.jsonl")]
+
+
+def read_file(task: str, path: Path) -> list[Example]:
+    """Read one file of ``task`` by its format."""
+    suffix = path.suffix.lower()
+    if task == "e2e" and suffix != ".jsonl":
+        return read_e2e(path)
+    if task in ("webnlg", "dart") and suffix == ".xml":
+        return read_triples_xml(path)
+    if task == "webnlg" and suffix == ".json":
+        return read_webnlg_json(path)
+    if task == "dart" and suffix == ".json":
+        return read_dart_json(path)
+    if task == "xsum" and suffix in (".source", ".target"):
+        stem = path.with_suffix("")
+        return read_line_pairs(stem.with_suffix(".source"), stem.with_suffix(".target"))
+    return read_jsonl(path)
 
 
 def load_examples(task: str, data: str | Path, split: str = "train") -> list[Example]:
-    """Read the examples of ``split`` from ``data`` for ``task`` (``jsonl`` or ``e2e``)."""
+    """Read the examples of ``split`` for ``task`` from a file or a release folder.
+
+    Raises:
+        PrefixTuneError: Unknown task or split, missing or malformed files, no examples.
+    """
     if task not in TASKS:
         raise PrefixTuneError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    path = resolve_file(task, data, split)
-    examples = read_e2e(path) if task == "e2e" else read_jsonl(path)
+    if split not in SPLITS:
+        raise PrefixTuneError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = Path(data)
+    if path.is_dir():
+        files = split_files(task, path, split)
+        if task == "xsum" and files[0].suffix == ".source":
+            files = files[:1]
+    else:
+        files = [path]
+    examples = [e for f in files for e in read_file(task, f)]
+    if task == "webnlg" and split in ("test_seen", "test_unseen") and path.is_dir():
+        keep = (lambda c: c in WEBNLG_SEEN) if split == "test_seen" else (lambda c: c not in WEBNLG_SEEN)
+        examples = [e for e in examples if keep(e.category)]
     if not examples:
-        raise PrefixTuneError(f"{path}: no examples")
+        raise PrefixTuneError(f"{path}: no {split} examples")
     return examples
+
+
+def group_references(examples: list[Example]) -> list[tuple[str, list[str]]]:
+    """One (source, references) item per unique source, in order of first appearance."""
+    grouped: dict[str, list[str]] = {}
+    for e in examples:
+        refs = grouped.setdefault(e.source, [])
+        if e.target:
+            refs.append(e.target)
+    return list(grouped.items())
 
 
 def subset(examples: list[Example], size: int | None, seed: int = 0) -> list[Example]:
@@ -125,3 +149,6 @@ def subset(examples: list[Example], size: int | None, seed: int = 0) -> list[Exa
         raise PrefixTuneError(f"--train-size {size} must be between 1 and {len(examples)}")
     chosen = sorted(random.Random(seed).sample(range(len(examples)), size))
     return [examples[i] for i in chosen]
+
+
+__all__ = ["Example", "TASKS", "group_references", "load_examples", "read_text", "subset"]

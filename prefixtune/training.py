@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 from . import checkpoint as ckpt
 from .base import load_base
 from .config import PrefixConfig
-from .data import Example, load_examples, resolve_file, subset
+from .data import Example, load_examples, subset
 from .errors import PrefixTuneError
 from .features import Formatter, collate, context_length
 from .files import write_json
@@ -118,8 +118,17 @@ class TrainResult:
 
 def _load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     train = subset(load_examples(cfg.task, cfg.data, "train"), cfg.train_size, cfg.subset_seed)
-    dev_path = cfg.dev_data or (resolve_file(cfg.task, cfg.data, "dev") if Path(cfg.data).is_dir() else None)
-    dev = load_examples(cfg.task, dev_path, "dev") if dev_path and Path(dev_path).exists() else []
+    if cfg.dev_data:
+        dev = load_examples(cfg.task, cfg.dev_data, "dev")
+    elif Path(cfg.data).is_dir():
+        try:
+            dev = load_examples(cfg.task, cfg.data, "dev")
+        except PrefixTuneError as e:
+            if "not found" not in str(e):
+                raise
+            dev = []  # the folder has no dev split
+    else:
+        dev = []
     return train, dev[: cfg.dev_size] if cfg.dev_size else dev
 
 

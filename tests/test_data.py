@@ -7,8 +7,9 @@ from paths import E2E
 from tiny import tiny_tokenizer
 
 from prefixtune import PrefixTuneError
-from prefixtune.data import Example, linearize_e2e, load_examples, subset
+from prefixtune.data import Example, group_references, load_examples, subset
 from prefixtune.features import Formatter, collate
+from prefixtune.formats import linearize_e2e
 
 
 @pytest.mark.parametrize("split, rows, sources", [("train", 42061, 4862), ("dev", 4672, 547), ("test", 4693, 630)])
@@ -100,3 +101,81 @@ def test_too_long_input_errors_unless_truncated():
         Formatter(tok, False, context=64, prefix_len=5).encode(long)
     f = Formatter(tok, False, context=64, prefix_len=5, truncate=True).encode(long)
     assert len(f.input_ids) + 5 <= 64
+
+
+WEBNLG = E2E.parent / "webnlg2017"
+DART = E2E.parent / "dart"
+
+
+@pytest.mark.parametrize(
+    "split, entries, references",
+    [
+        ("train", 6940, 18102),
+        ("dev", 872, 2268),
+        ("test", 1862, 4928),
+        ("test_unseen", 891, 2433),
+        ("test_seen", 971, 2495),
+    ],
+)
+def test_webnlg_counts_match_the_release(split, entries, references):
+    examples = load_examples("webnlg", WEBNLG, split)
+    assert len({e.origin for e in examples}) == entries
+    assert len(examples) == references
+
+
+def test_webnlg_json_conversion_matches_the_xml():
+    from_json = load_examples("webnlg", WEBNLG / "dev.json")
+    from_xml = load_examples("webnlg", WEBNLG, "dev")
+    assert len({e.origin for e in from_json}) == 872
+    assert sorted((e.source, e.target) for e in from_json) == sorted((e.source, e.target) for e in from_xml)
+
+
+def test_webnlg_linearization_as_in_the_paper():
+    first = load_examples("webnlg", WEBNLG, "test")[0]
+    assert first.source == "Abilene Regional Airport : cityServed : Abilene, Texas"
+    assert first.category == "Airport"
+
+
+@pytest.mark.parametrize(
+    "path, entries, references",
+    [
+        ("v1.1.1/dart-v1.1.1-full-dev.json", 2768, 6980),
+        ("v1.1.1/dart-v1.1.1-full-dev.xml", 2768, 6980),
+        ("v1.1.1/dart-v1.1.1-full-test.xml", 5097, 12552),
+    ],
+)
+def test_dart_counts_match_the_release(path, entries, references):
+    examples = load_examples("dart", DART / path)
+    assert len({e.origin for e in examples}) == entries
+    assert len(examples) == references
+
+
+def test_dart_json_and_xml_agree_and_splits_resolve_in_the_folder():
+    from_json = load_examples("dart", DART, "dev")
+    from_xml = load_examples("dart", DART / "v1.1.1/dart-v1.1.1-full-dev.xml")
+    assert [(e.source, e.target) for e in from_json] == [(e.source, e.target) for e in from_xml]
+    assert (
+        from_json[0].source
+        == "Mars Hill College : JOINED : 1973 | Mars Hill College : LOCATION : Mars Hill, North Carolina"
+    )
+    assert len(load_examples("dart", DART, "test")) == 12552
+
+
+def test_grouping_gives_one_item_per_unique_source_in_first_appearance_order():
+    examples = load_examples("e2e", E2E, "test")
+    groups = group_references(examples)
+    assert len(groups) == 630 and sum(len(r) for _, r in groups) == 4693
+    assert [s for s, _ in groups] == list(dict.fromkeys(e.source for e in examples))
+
+
+def test_summarization_line_files_and_jsonl(tmp_path):
+    (tmp_path / "test.source").write_text("doc one\ndoc two\n")
+    (tmp_path / "test.target").write_text("sum one\nsum two\n")
+    examples = load_examples("xsum", tmp_path, "test")
+    assert [(e.source, e.target) for e in examples] == [("doc one", "sum one"), ("doc two", "sum two")]
+    (tmp_path / "dev.source").write_text("a\nb\n")
+    (tmp_path / "dev.target").write_text("a\n")
+    with pytest.raises(PrefixTuneError, match="dev.target: 1 lines but .*dev.source has 2"):
+        load_examples("xsum", tmp_path, "dev")
+    (tmp_path / "train.jsonl").write_text('{"source": "d", "target": "s"}\n')
+    assert load_examples("xsum", tmp_path, "train")[0].target == "s"
