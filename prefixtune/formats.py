@@ -50,7 +50,7 @@ def read_text(path: Path) -> str:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise PrefixTuneError(f"{path}:{line}: not UTF-8 (byte {e.start})") from None
     if not text.strip():
-        raise PrefixTuneError(f"{path}: data file is empty")
+        raise PrefixTuneError(f"{path}: file is empty")
     return text
 
 

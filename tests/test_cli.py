@@ -157,7 +157,7 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(model_dir, tmp_path, 
     base = ["train", "--model", model_dir, "--task", "jsonl", "--no-progress", "--output", str(tmp_path / "o")]
     assert "missing.jsonl: data file not found" in _error(capsys, base + ["--data", str(tmp_path / "missing.jsonl")])
     (tmp_path / "empty.jsonl").write_text("")
-    assert "empty.jsonl: data file is empty" in _error(capsys, base + ["--data", str(tmp_path / "empty.jsonl")])
+    assert "empty.jsonl: file is empty" in _error(capsys, base + ["--data", str(tmp_path / "empty.jsonl")])
     (tmp_path / "long.jsonl").write_text(json.dumps({"source": "word " * 600, "target": "x"}) + "\n")
     assert "long.jsonl:1:" in _error(capsys, base + ["--data", str(tmp_path / "long.jsonl")])
     ok = tmp_path / "ok.jsonl"

@@ -1,0 +1,86 @@
+"""``prefixtune generate``: decode sources with a trained prefix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..data import SPLITS, TASKS
+from ..errors import PrefixTuneError
+from ..presets import PRESETS
+from .common import add_decoding, cache_dir, data_path, decoding_options, positive
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="decode with a trained prefix",
+        description="Generate outputs for sources read from --input (one per line), stdin, or a data split "
+        "(--task e2e --split test: one output per unique source, in order of first appearance, as "
+        "`prefixtune evaluate` expects).",
+    )
+    p.add_argument("--prefix", required=True, help="prefix folder or run directory")
+    p.add_argument("--model", default=None, help="base model (default: the one the prefix was trained on)")
+    p.add_argument("--input", default=None, help="file with one source per line (default: stdin)")
+    p.add_argument("--task", default=None, choices=TASKS, help="read the sources of a data split instead")
+    p.add_argument("--data", default=None, help="data file or folder, with --task (default: $PREFIXTUNE_DATA/<task>)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="split, with --task (default: test)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="take the preset's decoding settings")
+    p.add_argument("--output", default=None, help="write outputs here, one per line (default: stdout)")
+    p.add_argument("--batch-size", type=positive(int), default=8, help="sources decoded together (default: 8)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam search")
+    p.add_argument("--temperature", type=positive(float), default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-p", type=positive(float), default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
+    p.add_argument("--truncate", action="store_true", help="cut sources longer than the context instead of failing")
+    p.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the frozen model (default: fp32)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_decoding(p.add_argument_group("decoding"), "the preset's, else greedy with 64 new tokens")
+    p.set_defaults(func=run)
+
+
+def sources(args) -> list[str]:
+    if args.task:
+        from ..data import group_references, load_examples
+
+        return [s for s, _ in group_references(load_examples(args.task, data_path(args.data, args.task), args.split))]
+    from ..formats import read_text
+
+    text = read_text(Path(args.input)) if args.input else sys.stdin.read()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise PrefixTuneError(f"{args.input or 'stdin'}: no input lines")
+    return lines
+
+
+def run(args) -> int:
+    from ..decode import decode_texts, load_for_inference
+    from ..files import atomic_write
+    from ..presets import decoding_for
+
+    texts = sources(args)
+    model, tokenizer, name = load_for_inference(args.prefix, args.model, args.dtype, args.device, cache_dir())
+    base = decoding_for(args.task, args.preset) if args.preset else {"num_beams": 1, "max_new_tokens": 64}
+    options = decoding_options(args, base)
+    options.update(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    outputs = decode_texts(
+        model,
+        tokenizer,
+        texts,
+        name,
+        args.batch_size,
+        options,
+        seed=args.seed,
+        truncate=args.truncate,
+        progress=not args.no_progress,
+    )
+    text = "".join(o.replace("\n", " ") + "\n" for o in outputs)
+    if args.output:
+        atomic_write(Path(args.output), lambda p: p.write_text(text, encoding="utf-8"))
+    else:
+        sys.stdout.write(text)
+    return 0

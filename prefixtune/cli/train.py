@@ -1,0 +1,180 @@
+"""``prefixtune train``: train a prefix, optionally with a paper preset and a final dev evaluation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..data import TASKS
+from ..presets import PRESETS, get_preset
+from .common import add_decoding, cache_dir, data_path, decoding_options, positive
+
+# Built-in defaults, used when neither a flag nor the preset sets a value.
+DEFAULTS = {"lr": 5e-5, "epochs": 5, "batch_size": 8, "mid_dim": 512, "num_virtual_tokens": None, "init_text": None}
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a prefix on a frozen model",
+        description="Train a prefix (Li & Liang 2021) on a frozen Hugging Face model. Only the prefix trains; the run "
+        "directory gets the final (best on dev) prefix, log.jsonl, loss.png and checkpoints/. A --preset sets the "
+        "paper's hyperparameters; flags given explicitly override it.",
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="Hugging Face id or local folder (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--task", default=None, choices=TASKS, help="data format (default: the preset's, else jsonl)")
+    g.add_argument("--data", default=None, help="data file or release folder (default: $PREFIXTUNE_DATA/<task>)")
+    g.add_argument("--dev-data", default=None, help="dev file (default: the dev split of the --data folder, if any)")
+    g.add_argument(
+        "--train-size", type=positive(int), default=None, help="train on a reproducible subset of N examples"
+    )
+    g.add_argument("--subset-seed", type=int, default=0, help="seed of the --train-size subset (default: 0)")
+    g.add_argument(
+        "--dev-size", type=positive(int), default=None, help="use only the first N dev examples for dev loss"
+    )
+    g.add_argument("--output", required=True, help="run directory to create")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    g.add_argument("--truncate", action="store_true", help="cut sources longer than the context instead of failing")
+    s = p.add_argument_group("schedule")
+    s.add_argument("--preset", default=None, choices=sorted(PRESETS), help="the paper's settings for a task")
+    s.add_argument("--epochs", type=positive(int), default=None, help="passes over the data (default: preset, else 5)")
+    s.add_argument(
+        "--max-steps", type=positive(int), default=None, help="stop after N optimizer steps (overrides epochs)"
+    )
+    s.add_argument("--batch-size", type=positive(int), default=None, help="examples per step (default: preset, else 8)")
+    s.add_argument(
+        "--grad-accum", type=positive(int), default=1, help="micro-batches per step, saves memory (default: 1)"
+    )
+    s.add_argument(
+        "--lr", type=positive(float), default=None, help="peak AdamW learning rate (default: preset, else 5e-5)"
+    )
+    s.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps, then linear decay (default: 0)")
+    s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    s.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 disables (default: 1.0)")
+    s.add_argument("--seed", type=int, default=42, help="seed of initialization and data order (default: 42)")
+    s.add_argument("--checkpoint-every", type=positive(int), default=50, help="checkpoint every N steps (default: 50)")
+    s.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the frozen model (default: fp32)"
+    )
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    x = p.add_argument_group("prefix")
+    x.add_argument(
+        "--num-virtual-tokens",
+        type=positive(int),
+        default=None,
+        help="prefix length P (default: preset, else the token count of --init-text, else 10)",
+    )
+    x.add_argument("--init-text", default=None, help='initialize from real words\' activations, e.g. "table-to-text:"')
+    x.add_argument(
+        "--mode",
+        default="kv",
+        choices=["kv", "embedding"],
+        help="kv: keys/values at every layer; embedding: input embeddings only (default: kv)",
+    )
+    x.add_argument("--no-reparameterize", action="store_true", help="train the prefix directly, without the MLP")
+    x.add_argument("--mid-dim", type=positive(int), default=None, help="MLP hidden width (default: preset, else 512)")
+    x.add_argument("--dropout", type=float, default=0.0, help="dropout on the prefix while training (default: 0)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", action="store_true", help="decode dev at the end and write metrics.json")
+    e.add_argument("--eval-size", type=positive(int), default=None, help="decode only the first N unique dev sources")
+    e.add_argument("--eval-batch-size", type=positive(int), default=8, help="sources decoded together (default: 8)")
+    add_decoding(e)
+    p.set_defaults(func=run)
+
+
+def resolve(args) -> dict:
+    """Flag > preset > built-in default, for every setting a preset can give."""
+    preset = get_preset(args.preset)
+    values = {}
+    for name, default in DEFAULTS.items():
+        explicit = getattr(args, name)
+        from_preset = preset.train.get(name, preset.prefix.get(name)) if preset else None
+        values[name] = explicit if explicit is not None else from_preset if from_preset is not None else default
+    values["task"] = args.task or (preset.task if preset and preset.task else ("e2e" if preset else "jsonl"))
+    values["max_steps"] = args.max_steps or (preset.max_steps_for(args.train_size) if preset else None)
+    return values
+
+
+def run(args) -> int:
+    from ..config import PrefixConfig
+    from ..presets import decoding_for
+    from ..training import TrainConfig, train
+
+    v = resolve(args)
+    prefix = PrefixConfig(
+        num_virtual_tokens=v["num_virtual_tokens"],
+        mode=args.mode,
+        reparameterize=not args.no_reparameterize,
+        mid_dim=v["mid_dim"],
+        init_text=v["init_text"],
+        dropout=args.dropout,
+    )
+    data = data_path(args.data, v["task"])
+    cfg = TrainConfig(
+        output=args.output,
+        data=data,
+        task=v["task"],
+        model=args.model,
+        dev_data=args.dev_data,
+        train_size=args.train_size,
+        subset_seed=args.subset_seed,
+        dev_size=args.dev_size,
+        epochs=v["epochs"],
+        max_steps=v["max_steps"],
+        batch_size=v["batch_size"],
+        grad_accum=args.grad_accum,
+        lr=v["lr"],
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        truncate=args.truncate,
+        resume=args.resume,
+        progress=not args.no_progress,
+        cache_dir=cache_dir(),
+        prefix=prefix,
+    )
+    result = train(cfg)
+    best = f", best dev loss {result.best_dev_loss:.4f}" if result.best_dev_loss is not None else ""
+    print(
+        f"trained {result.steps} steps, final loss {result.final_loss:.4f}{best}; prefix in {result.output}",
+        file=sys.stderr,
+    )
+    if args.eval:
+        options = decoding_options(args, decoding_for(v["task"], args.preset))
+        metrics = evaluate_run(result, v["task"], args.dev_data or data, options, args)
+        print(json.dumps(metrics), file=sys.stderr)
+    return 0
+
+
+def evaluate_run(result, task: str, data: str, options: dict, args) -> dict:
+    """Decode dev with the run's saved (best) prefix; write metrics.json and dev_predictions.txt."""
+    from ..evaluation import evaluate_model
+    from ..files import atomic_write, write_json
+
+    model = result.model
+    model.load_prefix(result.output, name="saved")
+    model.active = "saved"
+    tokenizer = model.tokenizer
+    metrics, predictions, _ = evaluate_model(
+        model,
+        tokenizer,
+        task,
+        data,
+        "dev",
+        args.eval_size,
+        options,
+        args.eval_batch_size,
+        progress=not args.no_progress,
+    )
+    run_dir = Path(result.output)
+    atomic_write(run_dir / "dev_predictions.txt", lambda p: p.write_text("".join(x + "\n" for x in predictions)))
+    report = {"task": task, "split": "dev", "sources": len(predictions), "decoding": options, **metrics}
+    write_json(run_dir / "metrics.json", report)
+    return report

@@ -1,0 +1,79 @@
+"""BLEU, METEOR and TER as the WebNLG 2017 challenge evaluation computes them (also used for DART).
+
+The official scripts (webnlg-automatic-evaluation, reused by DART's evaluation) first normalize
+every text: split on non-word characters, collapse spaces, transliterate to ASCII (``unidecode``)
+and lowercase. Then:
+
+* BLEU: Moses ``multi-bleu.perl -lc`` with the first three references (missing ones are empty
+  lines, i.e. references of length 0), closest reference length, no smoothing;
+* METEOR 1.5 (``-l en -norm``) with the first three references (WebNLG) or up to eight (DART);
+* TER: tercom 0.7.25 against the first three references; computed by sacrebleu's port of tercom.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+from .coco import meteor
+
+
+def normalize(text: str) -> str:
+    """The official normalization: tokens split on non-word characters, ASCII, lowercase."""
+    from unidecode import unidecode
+
+    return unidecode(" ".join(" ".join(re.split(r"(\W)", text)).split()).lower())
+
+
+def multi_bleu(references: list[list[str]], hypotheses: list[str]) -> float:
+    """Moses multi-bleu.perl on whitespace-tokenized, lowercased text; a fraction in [0, 1].
+
+    Args:
+        references: Per segment, a fixed number of references ('' where a segment has fewer).
+    """
+    match, total = [0] * 5, [0] * 5
+    hyp_length = ref_length = 0
+    for hyp, refs in zip(hypotheses, references):
+        words = hyp.lower().split()
+        closest = None
+        best: Counter = Counter()
+        for ref in refs:
+            ref_words = ref.lower().split()
+            diff = abs(len(words) - len(ref_words))
+            if (
+                closest is None
+                or diff < abs(len(words) - closest)
+                or (diff == abs(len(words) - closest) and len(ref_words) < closest)
+            ):
+                closest = len(ref_words)
+            for n in range(1, 5):
+                grams = Counter(tuple(ref_words[i : i + n]) for i in range(len(ref_words) - n + 1))
+                for g, c in grams.items():
+                    best[g] = max(best[g], c)
+        hyp_length += len(words)
+        ref_length += closest or 0
+        for n in range(1, 5):
+            grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+            total[n] += max(len(words) - n + 1, 0)
+            match[n] += sum(min(c, best[g]) for g, c in grams.items())
+    if hyp_length == 0 or any(match[n] == 0 or total[n] == 0 for n in range(1, 5)):
+        return 0.0
+    brevity = math.exp(1 - ref_length / hyp_length) if hyp_length < ref_length else 1.0
+    return brevity * math.exp(sum(math.log(match[n] / total[n]) for n in range(1, 5)) / 4)
+
+
+def webnlg_scores(references: list[list[str]], hypotheses: list[str], meteor_refs: int = 3) -> dict[str, float]:
+    """``{"bleu", "meteor", "ter"}`` as fractions, computed on normalized texts."""
+    from sacrebleu.metrics import TER
+
+    hyps = [normalize(h) for h in hypotheses]
+    refs = [[normalize(r) for r in rs] for rs in references]
+    three = [(rs + ["", "", ""])[:3] for rs in refs]
+    ter_streams = [[rs[i] if i < len(rs) else None for rs in [r[:3] for r in refs]] for i in range(3)]
+    ter = TER().corpus_score(hyps, ter_streams).score / 100
+    return {
+        "bleu": multi_bleu(three, hyps),
+        "meteor": meteor([rs[:meteor_refs] for rs in refs], hyps),
+        "ter": ter,
+    }
