@@ -52,6 +52,12 @@ def read_predictions(path: str | Path, expected: int, references: str | Path) ->
 def evaluate_files(task: str, references: str | Path, predictions: str | Path) -> dict[str, float]:
     """All of ``task``'s metrics for a predictions file against a reference file."""
     groups = read_references(task, references)
+    missing = next((i for i, (_, refs) in enumerate(groups) if not refs), None)
+    if missing is not None:
+        raise PrefixTuneError(
+            f"{references}: source {missing + 1} ({groups[missing][0][:60]!r}) has no reference; a reference file "
+            "needs its reference column or texts (E2E: mr,ref)"
+        )
     hypotheses = read_predictions(predictions, len(groups), references)
     return evaluate(task, [refs for _, refs in groups], hypotheses)
 

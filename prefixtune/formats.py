@@ -83,14 +83,17 @@ def linearize_e2e(mr: str) -> str:
 
 
 def read_e2e(path: Path) -> list[Example]:
-    """An E2E CSV file with header ``mr,ref`` (one row per reference)."""
+    """An E2E CSV file with header ``mr,ref`` (one row per reference), or ``MR`` alone (test inputs)."""
     reader = csv.reader(read_text(path).splitlines())
-    header = next(reader)
-    if [h.strip() for h in header[:2]] != ["mr", "ref"]:
-        raise PrefixTuneError(f"{path}:1: expected header 'mr,ref', got {','.join(header)!r}")
+    header = [h.strip().lower() for h in next(reader)]
+    sources_only = header == ["mr"]
+    if header[:2] != ["mr", "ref"] and not sources_only:
+        raise PrefixTuneError(f"{path}:1: expected header 'mr,ref' (or 'MR' alone), got {','.join(header)!r}")
     examples = []
     for row in reader:
         where = f"{path}:{reader.line_num}"
+        if sources_only:
+            row = [row[0], ""] if row else row
         if len(row) < 2:
             raise PrefixTuneError(f"{where}: expected 2 columns (mr, ref), got {len(row)}")
         try:

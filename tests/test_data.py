@@ -19,6 +19,13 @@ def test_e2e_counts_match_the_release(split, rows, sources):
     assert len({e.source for e in examples}) == sources
 
 
+def test_e2e_test_inputs_without_references():
+    examples = load_examples("e2e", E2E / "testset.csv")
+    assert len(examples) == 630 and all(e.target == "" for e in examples)
+    with_refs = load_examples("e2e", E2E, "test")
+    assert [e.source for e in examples] == list(dict.fromkeys(e.source for e in with_refs))
+
+
 def test_e2e_linearization_as_in_the_paper():
     first = load_examples("e2e", E2E / "trainset.csv")[0]
     assert first.source == (
@@ -121,6 +128,11 @@ def test_webnlg_counts_match_the_release(split, entries, references):
     examples = load_examples("webnlg", WEBNLG, split)
     assert len({e.origin for e in examples}) == entries
     assert len(examples) == references
+
+
+def test_webnlg_test_inputs_without_lexicalisations():
+    examples = load_examples("webnlg", WEBNLG / "test" / "testdata_no_lex.xml")
+    assert len(examples) == 1862 and all(e.target == "" for e in examples)
 
 
 def test_webnlg_json_conversion_matches_the_xml():

@@ -40,3 +40,15 @@ def test_offline_gives_a_clear_one_line_error(tmp_path, capsys):
     code = main(["data", "download", "dart", "--to", str(tmp_path), "--base-url", "http://127.0.0.1:9/"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "may be offline" in err and "--data PATH or set PREFIXTUNE_DATA" in err and "\n" not in err
+
+
+def test_data_root_from_prefixtune_data(monkeypatch):
+    from prefixtune.cli.common import data_path
+
+    monkeypatch.setenv("PREFIXTUNE_DATA", str(E2E.parent))
+    assert data_path(None, "webnlg") == str(E2E.parent / "webnlg2017")
+    assert len(load_examples("e2e", data_path(None, "e2e"), "dev")) == 4672
+    assert data_path("mine.jsonl", "e2e") == "mine.jsonl"  # --data wins
+    monkeypatch.delenv("PREFIXTUNE_DATA")
+    with pytest.raises(PrefixTuneError, match="--data is required"):
+        data_path(None, "e2e")

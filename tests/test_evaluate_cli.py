@@ -91,6 +91,20 @@ def test_reference_file_with_missing_columns(tmp_path, capsys):
             str(tmp_path / "p.txt"),
         ],
     )
+    assert code == 2 and "refs.csv: source 1 ('name : A') has no reference" in err
+    (tmp_path / "refs.csv").write_text("meaning,text\nname[A],x\n")
+    code, _, err = _run(
+        capsys,
+        [
+            "evaluate",
+            "--task",
+            "e2e",
+            "--references",
+            str(tmp_path / "refs.csv"),
+            "--predictions",
+            str(tmp_path / "p.txt"),
+        ],
+    )
     assert code == 2 and "refs.csv:1: expected header 'mr,ref'" in err
 
 
