@@ -100,6 +100,46 @@ class DecodeState:
                 setattr(self, name, value[index])
 
 
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def concat_states(states: list[DecodeState], cache_config) -> DecodeState:
+    """Stack decode states of decoder-only models into one batch (continuous batching).
+
+    Shorter histories are left-padded with masked zeros; positions are per row, so every row
+    computes exactly what it would alone.
+    """
+    from transformers import DynamicCache
+
+    if any(s.encoder_hidden is not None for s in states):
+        raise PrefixTuneError("continuous batching supports decoder-only models")
+    width = max(s.mask.shape[1] for s in states)
+    cache = DynamicCache(config=cache_config)
+    for i in range(len(states[0].cache.layers)):
+        keys = torch.cat([_pad_left(s.cache.layers[i].keys, width, 2) for s in states])  # (B, H, S, D)
+        values = torch.cat([_pad_left(s.cache.layers[i].values, width, 2) for s in states])
+        cache.update(keys, values, i)
+    mask = torch.cat([_pad_left(s.mask, width, 1) for s in states])  # (B, S)
+    return DecodeState(cache, mask, next_pos=torch.cat([s.next_pos for s in states]))
+
+
+def trim_state(state: DecodeState) -> None:
+    """Drop leading positions that no row attends to (after rows have left the batch)."""
+    used = state.mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else state.mask.shape[1]
+    if start == 0:
+        return
+    for layer in state.cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+    state.mask = state.mask[:, start:]
+
+
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix) -> tuple[DecodeState, torch.Tensor]:
     """Process the inputs after each row's prefix.
 

@@ -1,0 +1,1 @@
+"""Serving many prefixes over one frozen model: the batching engine and the HTTP server."""

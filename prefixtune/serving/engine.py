@@ -1,0 +1,328 @@
+"""Continuous batching over one frozen model with many prefixes (Li & Liang 2021, §8).
+
+Requests that arrive together — and requests that arrive while others are decoding — share one
+forward pass per decoding step, whatever their prefixes: new requests are prefilled and join the
+running batch between steps; finished ones leave. The engine works on token ids only; text,
+HTTP and streaming live in :mod:`prefixtune.serving.app`.
+
+Greedy and sampled requests on decoder-only models are batched continuously. Beam search
+requests, and all requests on encoder-decoder models, are decoded as one static mixed-prefix batch
+per admission round.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import generation
+from ..errors import PrefixTuneError
+
+
+@dataclass
+class Request:
+    """One generation request on token ids.
+
+    Attributes:
+        prefix: Name of the prefix to use.
+        input_ids: The prompt (already formatted for the model).
+        max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_p, top_k: decoding.
+        on_token: Called from the engine thread with each new token id.
+        on_done: Called once with the finish reason (``eos``, ``length``, ``stop``, ``cancelled``,
+            ``error: ...``) and all generated ids.
+        should_stop: Polled after each token; True ends the request with reason ``stop``.
+    """
+
+    prefix: str
+    input_ids: list[int]
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    on_token: Callable[[int], None] | None = None
+    on_done: Callable[[str, list[int]], None] | None = None
+    should_stop: Callable[[list[int]], bool] | None = None
+    id: int = 0
+    arrived: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters the server exports as metrics."""
+
+    steps: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    queue_times: list[float] = field(default_factory=list)
+    generated_tokens: int = 0
+
+    def drain(self) -> tuple[list[int], list[float]]:
+        sizes, waits = self.batch_sizes, self.queue_times
+        self.batch_sizes, self.queue_times = [], []
+        return sizes, waits
+
+
+class Engine:
+    """A background thread that decodes all submitted requests together.
+
+    Args:
+        model: A :class:`prefixtune.PrefixTunedModel` holding the prefixes requests name.
+        eos_token_ids: Token ids that end a request.
+        pad_token_id: Padding id for prompts.
+        max_batch_size: Most requests decoded at once.
+        lock: Held during every model call; take it to add or remove prefixes safely.
+    """
+
+    def __init__(
+        self,
+        model,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        max_batch_size: int = 32,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        self.model = model
+        self.eos = set(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+        self.lock = lock or threading.Lock()
+        self.stats = EngineStats()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._state: generation.DecodeState | None = None
+        self._pending: torch.Tensor | None = None  # (B,) each running row's token not yet fed
+        self._wake = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.continuous = not model.geometry.is_encoder_decoder
+
+    # ------------------------------------------------------------------ public
+    def submit(self, request: Request) -> Request:
+        """Queue a request; callbacks report its tokens and end."""
+        if request.prefix not in self.model.prefixes:
+            raise PrefixTuneError(f"unknown prefix {request.prefix!r}")
+        request.id = next(self._ids)
+        if request.do_sample:
+            request.generator = torch.Generator(device=self.model.device)
+            request.generator.manual_seed(request.seed if request.seed is not None else request.id)
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    @property
+    def busy(self) -> int:
+        """Requests waiting or running."""
+        return len(self._waiting) + len(self._running)
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="prefixtune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop the thread; with ``drain``, first finish every request already submitted."""
+        deadline = time.monotonic() + timeout
+        while drain and self.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=max(deadline - time.monotonic(), 1.0))
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                with self.lock, torch.inference_mode():
+                    self.step()
+            except Exception as e:  # noqa: BLE001 - a failing batch must not kill the server
+                self._fail_all(f"error: {type(e).__name__}: {e}")
+
+    def step(self) -> None:
+        """One round: admit waiting requests, then decode one token for every running request."""
+        self._admit()
+        if self._running:
+            self._decode_step()
+
+    def _take_waiting(self, limit: int) -> list[Request]:
+        taken = []
+        with self._wake:
+            while self._waiting and len(taken) < limit:
+                taken.append(self._waiting.popleft())
+        now = time.monotonic()
+        for r in taken:
+            r.started = now
+            self.stats.queue_times.append(now - r.arrived)
+        return [r for r in taken if not self._finish_if_cancelled(r)]
+
+    def _admit(self) -> None:
+        room = self.max_batch_size - len(self._running)
+        if room <= 0:
+            return
+        new = self._take_waiting(room)
+        static = [r for r in new if r.num_beams > 1 or not self.continuous]
+        for group in _static_groups(static, self.model):
+            self._run_static(group)
+        joining = [r for r in new if r.num_beams == 1 and self.continuous]
+        if not joining:
+            return
+        ids, mask = _left_pad([r.input_ids for r in joining], self.pad_token_id, self.model.device)
+        state, logits = generation.prefill(self.model, ids, mask, [r.prefix for r in joining])
+        self.stats.batch_sizes.append(len(joining))
+        tokens = self._choose(joining, logits)
+        self._state = (
+            state if self._state is None else generation.concat_states([self._state, state], self.model.cache_config)
+        )
+        self._running.extend(joining)
+        self._pending = tokens if self._pending is None else torch.cat([self._pending, tokens])
+        self._retire()
+
+    def _decode_step(self) -> None:
+        self.stats.batch_sizes.append(len(self._running))
+        self.stats.steps += 1
+        logits = generation.step(self.model, self._state, self._pending)
+        self._pending = self._choose(self._running, logits)
+        self._retire()
+
+    def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """Pick each row's next token with its own options; record and report it."""
+        logits = logits.float()
+        chosen = []
+        for request, row in zip(requests, logits):
+            if len(request.tokens) < request.min_new_tokens and self.eos:
+                row = row.clone()
+                row[list(self.eos)] = float("-inf")
+            token = _pick(row, request)
+            request.tokens.append(token)
+            self.stats.generated_tokens += 1
+            if request.on_token is not None:
+                request.on_token(token)
+            chosen.append(token)
+        return torch.tensor(chosen, device=logits.device)
+
+    def _retire(self) -> None:
+        keep = []
+        for i, request in enumerate(self._running):
+            reason = _finish_reason(request, self.eos)
+            if reason is None:
+                keep.append(i)
+            else:
+                _done(request, reason)
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._state, self._pending = None, None
+            return
+        index = torch.tensor(keep, device=self._pending.device)
+        self._state.select(index)
+        self._pending = self._pending[index]
+        generation.trim_state(self._state)
+
+    def _run_static(self, group: list[Request]) -> None:
+        """Beam search (or encoder-decoder) requests: one mixed-prefix batch through ``generate``."""
+        self.stats.batch_sizes.append(len(group))
+        first = group[0]
+        ids, mask = _left_pad([r.input_ids for r in group], self.pad_token_id, self.model.device)
+        out = self.model.generate(
+            ids,
+            mask,
+            prefix=[r.prefix for r in group],
+            num_beams=first.num_beams,
+            max_new_tokens=first.max_new_tokens,
+            min_new_tokens=first.min_new_tokens,
+            eos_token_id=sorted(self.eos),
+            pad_token_id=self.pad_token_id,
+        )
+        skip = 1 if self.model.geometry.is_encoder_decoder else ids.shape[1]
+        for request, row in zip(group, out[:, skip:].tolist()):
+            for token in row[: request.max_new_tokens]:
+                request.tokens.append(token)
+                self.stats.generated_tokens += 1
+                if request.on_token is not None:
+                    request.on_token(token)
+                if token in self.eos or (request.should_stop is not None and request.should_stop(request.tokens)):
+                    break
+            _done(request, _finish_reason(request, self.eos) or "eos")
+
+    def _finish_if_cancelled(self, request: Request) -> bool:
+        if request.cancelled:
+            _done(request, "cancelled")
+        return request.cancelled
+
+    def _fail_all(self, reason: str) -> None:
+        for request in self._running + list(self._waiting):
+            _done(request, reason)
+        self._running, self._state, self._pending = [], None, None
+        self._waiting.clear()
+
+
+def _pick(row: torch.Tensor, request: Request) -> int:
+    if not request.do_sample:
+        return int(row.argmax())
+    scores = row / request.temperature
+    if request.top_k > 0:
+        kth = torch.topk(scores, min(request.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if request.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(ordered, dim=-1) > request.top_p  # keep the first token over top_p
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=request.generator))
+
+
+def _finish_reason(request: Request, eos: set[int]) -> str | None:
+    if request.cancelled:
+        return "cancelled"
+    if request.tokens and request.tokens[-1] in eos:
+        return "eos"
+    if request.should_stop is not None and request.should_stop(request.tokens):
+        return "stop"
+    if len(request.tokens) >= request.max_new_tokens:
+        return "length"
+    return None
+
+
+def _done(request: Request, reason: str) -> None:
+    if request.on_done is not None:
+        request.on_done(reason, list(request.tokens))
+
+
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def _static_groups(requests: list[Request], model) -> list[list[Request]]:
+    """Requests that can share one ``generate`` call: same decoding options, and for
+    encoder-decoder models with absolute positions, the same prefix length."""
+    groups: dict[tuple, list[Request]] = {}
+    for r in requests:
+        key = (r.num_beams, r.max_new_tokens, r.min_new_tokens, model.prefixes[r.prefix].num_tokens)
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())

@@ -1,0 +1,147 @@
+"""Continuous batching engine (issue 4, point 2): mixed prefixes, joining mid-flight, equal to alone."""
+
+import threading
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from prefixtune import PrefixConfig, PrefixTunedModel
+from prefixtune.serving.engine import Engine, Request
+
+
+def _model(family="llama"):
+    torch.manual_seed(3)
+    model = PrefixTunedModel.wrap(tiny_model(family), PrefixConfig(num_virtual_tokens=3, init_std=0.5), name="a")
+    model.add_prefix("b", PrefixConfig(num_virtual_tokens=3 if family == "bart" else 6, init_std=0.5))
+    model.add_prefix(
+        "c", PrefixConfig(num_virtual_tokens=2 if family != "bart" else 3, init_std=0.5, reparameterize=False)
+    )
+    return model.eval()
+
+
+def _alone(model, prefix, ids, **kw):
+    out = model.generate(torch.tensor([ids]), prefix=prefix, eos_token_id=[2], pad_token_id=0, **kw)
+    return out[0, 1 if model.geometry.is_encoder_decoder else len(ids) :].tolist()
+
+
+def _strip(tokens):
+    return tokens[: tokens.index(2) + 1] if 2 in tokens else tokens
+
+
+PROMPTS = [("a", [5, 6, 7, 8]), ("b", [9, 10]), ("c", [11, 12, 13]), ("a", [14]), ("b", [15, 16, 17, 18, 19])]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "bart"])
+def test_requests_arriving_at_different_times_equal_each_alone(family):
+    model = _model(family)
+    engine = Engine(model, eos_token_ids=[2], pad_token_id=0, max_batch_size=8)
+    done = {}
+    requests = [
+        Request(
+            prefix=p, input_ids=ids, max_new_tokens=6 + i, on_done=lambda reason, toks, i=i: done.__setitem__(i, toks)
+        )
+        for i, (p, ids) in enumerate(PROMPTS)
+    ]
+    with torch.inference_mode():
+        engine.submit(requests[0])
+        engine.submit(requests[1])
+        engine.step()
+        engine.step()  # two requests running, then three more join mid-flight
+        for r in requests[2:]:
+            engine.submit(r)
+        while engine.busy:
+            engine.step()
+    for i, (prefix, ids) in enumerate(PROMPTS):
+        assert done[i] == _strip(_alone(model, prefix, ids, max_new_tokens=6 + i)), (family, i)
+    if family in ("llama", "gpt2"):
+        assert max(engine.stats.batch_sizes) == 5  # all five decoded in one forward pass
+
+
+def test_beam_requests_and_min_new_tokens():
+    model = _model()
+    engine = Engine(model, eos_token_ids=[2], pad_token_id=0)
+    results = {}
+    with torch.inference_mode():
+        engine.submit(
+            Request("b", [9, 10], num_beams=3, max_new_tokens=5, on_done=lambda r, t: results.__setitem__("beam", t))
+        )
+        engine.submit(
+            Request(
+                "a", [5, 6], min_new_tokens=4, max_new_tokens=4, on_done=lambda r, t: results.__setitem__("min", (r, t))
+            )
+        )
+        while engine.busy:
+            engine.step()
+    assert results["beam"] == _strip(_alone(model, "b", [9, 10], num_beams=3, max_new_tokens=5))
+    reason, tokens = results["min"]
+    assert len(tokens) == 4 and 2 not in tokens and reason == "length"
+
+
+def test_background_thread_serves_concurrent_submissions_and_drains_on_stop():
+    model = _model()
+    engine = Engine(model, eos_token_ids=[2], pad_token_id=0)
+    engine.start()
+    finished = threading.Event()
+    results = {}
+
+    def done(i):
+        def callback(reason, tokens):
+            results[i] = tokens
+            if len(results) == len(PROMPTS):
+                finished.set()
+
+        return callback
+
+    for i, (prefix, ids) in enumerate(PROMPTS):
+        engine.submit(Request(prefix, ids, max_new_tokens=5, on_done=done(i)))
+    engine.stop(drain=True)
+    assert finished.is_set()
+    for i, (prefix, ids) in enumerate(PROMPTS):
+        assert results[i] == _strip(_alone(model, prefix, ids, max_new_tokens=5))
+
+
+def test_stop_callback_and_cancel():
+    model = _model()
+    engine = Engine(model, eos_token_ids=[], pad_token_id=0)
+    out = {}
+    with torch.inference_mode():
+        engine.submit(
+            Request(
+                "a",
+                [5, 6],
+                max_new_tokens=20,
+                should_stop=lambda toks: len(toks) >= 3,
+                on_done=lambda r, t: out.__setitem__("stop", (r, len(t))),
+            )
+        )
+        cancelled = engine.submit(Request("b", [7], max_new_tokens=20, on_done=lambda r, t: out.__setitem__("c", r)))
+        engine.step()
+        cancelled.cancelled = True
+        while engine.busy:
+            engine.step()
+    assert out["stop"] == ("stop", 3) and out["c"] == "cancelled"
+
+
+def test_sampling_is_seeded_per_request():
+    model = _model()
+    engine = Engine(model, eos_token_ids=[], pad_token_id=0)
+    got = []
+    with torch.inference_mode():
+        for _ in range(2):
+            engine.submit(
+                Request(
+                    "a",
+                    [5, 6],
+                    do_sample=True,
+                    temperature=2.0,
+                    top_p=0.9,
+                    top_k=20,
+                    seed=7,
+                    max_new_tokens=8,
+                    on_done=lambda r, t: got.append(t),
+                )
+            )
+        while engine.busy:
+            engine.step()
+    assert got[0] == got[1] and len(got[0]) == 8
