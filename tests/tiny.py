@@ -111,3 +111,15 @@ def save_tiny_model_dir(path, family: str = "llama", seed: int = 0):
     auto.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def make_model(seed: int = 0, family: str = "llama"):
+    """A tiny model with a real tokenizer, wrapped (no prefixes yet): (PrefixTunedModel, tokenizer)."""
+    from prefixtune import PrefixTunedModel
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = CONFIGS[family]()
+    config.vocab_size = len(tok)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return PrefixTunedModel(auto.from_config(config).eval(), tok), tok

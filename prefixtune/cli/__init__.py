@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ..errors import PrefixTuneError
-from . import datasets, evaluate, generate, prefixes, train
+from . import datasets, evaluate, generate, prefixes, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prefixtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, generate, evaluate, prefixes, datasets):
+    for module in (train, generate, evaluate, serve, prefixes, datasets):
         module.add_parsers(sub)
     return parser
 

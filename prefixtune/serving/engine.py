@@ -104,6 +104,7 @@ class Engine:
         self._running: list[Request] = []
         self._state: generation.DecodeState | None = None
         self._pending: torch.Tensor | None = None  # (B,) each running row's token not yet fed
+        self._admitting: list[Request] = []
         self._wake = threading.Condition()
         self._ids = itertools.count(1)
         self._stop = False
@@ -126,8 +127,9 @@ class Engine:
 
     @property
     def busy(self) -> int:
-        """Requests waiting or running."""
-        return len(self._waiting) + len(self._running)
+        """Requests waiting, being admitted or running."""
+        with self._wake:
+            return len(self._waiting) + len(self._admitting) + len(self._running)
 
     def start(self) -> None:
         self._stop = False
@@ -167,9 +169,10 @@ class Engine:
 
     def _take_waiting(self, limit: int) -> list[Request]:
         taken = []
-        with self._wake:
+        with self._wake:  # moved to _admitting under the lock, so `busy` never misses them
             while self._waiting and len(taken) < limit:
                 taken.append(self._waiting.popleft())
+            self._admitting = taken
         now = time.monotonic()
         for r in taken:
             r.started = now
@@ -180,11 +183,13 @@ class Engine:
         room = self.max_batch_size - len(self._running)
         if room <= 0:
             return
-        new = self._take_waiting(room)
+        new = self._take_waiting(room)  # held in _admitting: reported as failed if a prefill raises
         static = [r for r in new if r.num_beams > 1 or not self.continuous]
         for group in _static_groups(static, self.model):
+            self._admitting = group
             self._run_static(group)
         joining = [r for r in new if r.num_beams == 1 and self.continuous]
+        self._admitting = joining
         if not joining:
             return
         ids, mask = _left_pad([r.input_ids for r in joining], self.pad_token_id, self.model.device)
@@ -195,6 +200,7 @@ class Engine:
             state if self._state is None else generation.concat_states([self._state, state], self.model.cache_config)
         )
         self._running.extend(joining)
+        self._admitting = []
         self._pending = tokens if self._pending is None else torch.cat([self._pending, tokens])
         self._retire()
 
@@ -272,10 +278,10 @@ class Engine:
         return request.cancelled
 
     def _fail_all(self, reason: str) -> None:
-        for request in self._running + list(self._waiting):
+        """After an exception: end the requests being decoded (the waiting ones get their turn)."""
+        for request in self._running + self._admitting:
             _done(request, reason)
-        self._running, self._state, self._pending = [], None, None
-        self._waiting.clear()
+        self._running, self._admitting, self._state, self._pending = [], [], None, None
 
 
 def _pick(row: torch.Tensor, request: Request) -> int:

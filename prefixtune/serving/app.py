@@ -1,0 +1,377 @@
+"""The HTTP API (FastAPI): many prefixes over one frozen model, every request batched together.
+
+Endpoints: ``POST /v1/generate``, ``POST /v1/completions`` (OpenAI-style, ``model`` = prefix name),
+``GET/POST /v1/prefixes``, ``DELETE /v1/prefixes/{name}``, ``GET /health``, ``GET /metrics``.
+Errors are JSON ``{"error": {"message": ..., "field": ...}}`` with a 4xx status; a request never
+takes the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import PrefixTuneError
+from .engine import Engine
+from .engine import Request as EngineRequest
+from .metrics import ServerMetrics
+from .registry import PrefixNotFound, PrefixRegistry
+from .text import TextStream, prompt_ids
+
+
+@dataclass
+class ServerSettings:
+    """Limits and security of a server.
+
+    Attributes:
+        api_key: When set, every endpoint but /health needs ``Authorization: Bearer <key>``.
+        max_input_tokens: Longest accepted prompt, in tokens.
+        max_new_tokens: Largest accepted ``max_new_tokens`` / ``max_tokens``.
+        max_batch_size: Most inputs in one request (and rows the engine decodes at once).
+        max_body_bytes: Largest accepted request body.
+        request_timeout: Seconds before a request is abandoned with 504.
+    """
+
+    api_key: str | None = None
+    max_input_tokens: int = 1024
+    max_new_tokens: int = 512
+    max_batch_size: int = 32
+    max_body_bytes: int = 1_000_000
+    request_timeout: float = 120.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prefix: str
+    inputs: str | list[str]
+    max_new_tokens: int = Field(64, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    num_beams: int = Field(1, ge=1, le=16)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class CompletionBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class PrefixBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    config: dict | None = None
+    weights: str | None = None  # base64 of prefix.safetensors, with config: an upload
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "field": field}}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, declared or streamed.
+
+    The body is read (up to the limit) before the app sees it, then replayed.
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_large = _error(413, f"request body over {self.limit} bytes", "body")
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_large(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_large(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later reads wait for the client to disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = None, engine: Engine | None = None):
+    """Build the FastAPI app serving ``model``'s prefixes from ``prefix_dir``.
+
+    The engine's thread starts and stops with the app (lifespan); shutdown finishes the requests
+    in flight first.
+    """
+    settings = settings or ServerSettings()
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    engine = engine or Engine(model, eos, pad, settings.max_batch_size)
+    registry = PrefixRegistry(model, prefix_dir, engine.lock)
+    metrics = ServerMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop(drain=True, timeout=settings.request_timeout)
+
+    app = FastAPI(title="prefixtune", version="1", lifespan=lifespan)
+    app.state.engine, app.state.registry, app.state.metrics, app.state.refused = engine, registry, metrics, {}
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.middleware("http")
+    async def auth_and_metrics(request: Request, call_next):
+        started = time.monotonic()
+        if settings.api_key and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                response = _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authorization")
+                metrics.request(request.url.path, 401, time.monotonic() - started)
+                return response
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.request(getattr(route, "path", "unmatched"), response.status_code, time.monotonic() - started)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        location = [str(x) for x in first.get("loc", ()) if x != "body"]
+        field = location[0] if location else None  # the request field, not pydantic's union branch
+        status = 400 if first.get("type") == "json_invalid" else 422
+        return _error(status, f"{field or 'body'}: {first.get('msg')}", field)
+
+    @app.exception_handler(PrefixTuneError)
+    async def library_error(request, exc: PrefixTuneError):
+        return _error(404 if isinstance(exc, PrefixNotFound) else 400, str(exc))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model.base_name, "prefixes": len(registry.names()), "busy": engine.busy}
+
+    @app.get("/metrics")
+    async def prometheus():
+        metrics.absorb(engine.stats)
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/prefixes")
+    async def list_prefixes():
+        return {"prefixes": [registry.describe(n) for n in registry.names()]}
+
+    @app.post("/v1/prefixes", status_code=201)
+    async def add_prefix(body: PrefixBody):
+        if (body.config is None) != (body.weights is None):
+            raise ApiError(422, "an upload needs both 'config' and 'weights'", "weights")
+        if body.config is not None:
+            return await asyncio.to_thread(registry.upload, body.name, body.config, body.weights)
+        return await asyncio.to_thread(registry.load, body.name)
+
+    @app.delete("/v1/prefixes/{name}")
+    async def delete_prefix(name: str):
+        await asyncio.to_thread(registry.remove, name)
+        return {"deleted": name}
+
+    def _check_prefix(name: str, field: str) -> None:
+        if name not in model.prefixes:
+            raise ApiError(404, f"unknown prefix {name!r}", field)
+
+    def _requests(prefix, texts, field, options, stop) -> list[tuple[EngineRequest, TextStream]]:
+        out = []
+        for text in texts:
+            try:
+                ids = prompt_ids(model, tokenizer, prefix, text)
+            except PrefixTuneError as e:
+                raise ApiError(400, str(e), field) from None
+            if len(ids) > settings.max_input_tokens:
+                raise ApiError(
+                    400, f"input of {len(ids)} tokens exceeds the limit of {settings.max_input_tokens}", field
+                )
+            stream = TextStream(tokenizer, stop)
+            out.append((EngineRequest(prefix, ids, should_stop=stream.should_stop, **options), stream))
+        return out
+
+    def _common_checks(texts, field, max_new):
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ApiError(422, "needs at least one input", field)
+        if len(texts) > settings.max_batch_size:
+            raise ApiError(400, f"{len(texts)} inputs exceed the batch limit of {settings.max_batch_size}", field)
+        if max_new > settings.max_new_tokens:
+            raise ApiError(400, f"at most {settings.max_new_tokens} new tokens", "max_new_tokens")
+        return texts
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateBody):
+        _check_prefix(body.prefix, "prefix")
+        texts = _common_checks(body.inputs, "inputs", body.max_new_tokens)
+        options = {
+            "max_new_tokens": body.max_new_tokens,
+            "min_new_tokens": body.min_new_tokens,
+            "num_beams": body.num_beams,
+            "do_sample": body.do_sample,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "seed": body.seed,
+        }
+        jobs = _requests(body.prefix, texts, "inputs", options, body.stop)
+        if body.stream:
+            return _sse(
+                _stream_events(jobs, lambda i, delta, reason: {"index": i, "text": delta, "finish_reason": reason})
+            )
+        results = await _run(jobs)
+        return {"prefix": body.prefix, "outputs": [text for text, _ in results]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        _check_prefix(body.model, "model")
+        texts = _common_checks(body.prompt, "prompt", body.max_tokens)
+        options = {
+            "max_new_tokens": body.max_tokens,
+            "do_sample": body.temperature > 0,
+            "temperature": body.temperature or 1.0,
+            "top_p": body.top_p,
+            "seed": body.seed,
+        }
+        jobs = _requests(body.model, texts, "prompt", options, body.stop)
+        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
+        if body.stream:
+            return _sse(
+                _stream_events(
+                    jobs,
+                    lambda i, delta, reason: {
+                        **head,
+                        "choices": [
+                            {"text": delta, "index": i, "logprobs": None, "finish_reason": _openai_reason(reason)}
+                        ],
+                    },
+                )
+            )
+        results = await _run(jobs)
+        prompt_tokens = sum(len(r.input_ids) for r, _ in jobs)
+        completion_tokens = sum(len(r.tokens) for r, _ in jobs)
+        return {
+            **head,
+            "choices": [
+                {"text": text, "index": i, "logprobs": None, "finish_reason": _openai_reason(reason)}
+                for i, (text, reason) in enumerate(results)
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    async def _run(jobs) -> list[tuple[str, str]]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for request, _ in jobs:
+            future = loop.create_future()
+            request.on_done = lambda reason, tokens, f=future: loop.call_soon_threadsafe(_resolve, f, reason)
+            futures.append(future)
+            engine.submit(request)
+        try:
+            reasons = await asyncio.wait_for(asyncio.gather(*futures), settings.request_timeout)
+        except asyncio.TimeoutError:
+            for request, _ in jobs:
+                request.cancelled = True
+            raise ApiError(504, f"request timed out after {settings.request_timeout:.0f} s") from None
+        failed = next((r for r in reasons if r.startswith("error")), None)
+        if failed:
+            raise ApiError(500, f"generation failed ({failed})")
+        return [(stream.final(request.tokens), reason) for (request, stream), reason in zip(jobs, reasons)]
+
+    async def _stream_events(jobs, shape):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, (request, _) in enumerate(jobs):
+            request.on_token = lambda token, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, "token", None))
+            request.on_done = lambda reason, tokens, i=i: loop.call_soon_threadsafe(
+                queue.put_nowait, (i, "done", reason)
+            )
+            engine.submit(request)
+        open_jobs, deadline = len(jobs), loop.time() + settings.request_timeout
+        try:
+            while open_jobs:
+                try:
+                    i, kind, reason = await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0.001))
+                except asyncio.TimeoutError:
+                    yield {"error": {"message": f"request timed out after {settings.request_timeout:.0f} s"}}
+                    return
+                request, stream = jobs[i]
+                if kind == "token":
+                    delta = stream.delta(request.tokens)
+                    if delta:
+                        yield shape(i, delta, None)
+                else:
+                    open_jobs -= 1
+                    yield shape(i, stream.rest(request.tokens), reason)
+        finally:
+            if open_jobs:  # timed out or the client went away: free the batch slots
+                for request, _ in jobs:
+                    request.cancelled = True
+
+    def _sse(events) -> StreamingResponse:
+        async def body():
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return app
+
+
+def _resolve(future: asyncio.Future, reason: str) -> None:
+    if not future.done():
+        future.set_result(reason)
+
+
+def _openai_reason(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
