@@ -23,6 +23,7 @@ import torch
 
 from .. import generation
 from ..errors import PrefixTuneError
+from ..features import left_pad
 
 
 @dataclass
@@ -192,7 +193,7 @@ class Engine:
         self._admitting = joining
         if not joining:
             return
-        ids, mask = _left_pad([r.input_ids for r in joining], self.pad_token_id, self.model.device)
+        ids, mask = self._prompts(joining)
         state, logits = generation.prefill(self.model, ids, mask, [r.prefix for r in joining])
         self.stats.batch_sizes.append(len(joining))
         tokens = self._choose(joining, logits)
@@ -250,7 +251,7 @@ class Engine:
         """Beam search (or encoder-decoder) requests: one mixed-prefix batch through ``generate``."""
         self.stats.batch_sizes.append(len(group))
         first = group[0]
-        ids, mask = _left_pad([r.input_ids for r in group], self.pad_token_id, self.model.device)
+        ids, mask = self._prompts(group)
         out = self.model.generate(
             ids,
             mask,
@@ -271,6 +272,10 @@ class Engine:
                 if token in self.eos or (request.should_stop is not None and request.should_stop(request.tokens)):
                     break
             _done(request, _finish_reason(request, self.eos) or "eos")
+
+    def _prompts(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = left_pad([r.input_ids for r in requests], self.pad_token_id)
+        return ids.to(self.model.device), mask.to(self.model.device)
 
     def _finish_if_cancelled(self, request: Request) -> bool:
         if request.cancelled:
@@ -315,13 +320,6 @@ def _finish_reason(request: Request, eos: set[int]) -> str | None:
 def _done(request: Request, reason: str) -> None:
     if request.on_done is not None:
         request.on_done(reason, list(request.tokens))
-
-
-def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
 
 
 def _static_groups(requests: list[Request], model) -> list[list[Request]]:

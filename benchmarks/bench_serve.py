@@ -1,0 +1,139 @@
+"""Serving benchmark: mixed-prefix batching vs per-prefix batches vs one request at a time.
+
+Starts the real HTTP server (uvicorn, in this process) on the default model with 8 prefixes and
+sends 8 requests per prefix from concurrent clients:
+
+  a. mixed: all 64 requests at once; the server batches them whatever their prefixes;
+  b. per-prefix: one prefix's 8 requests at a time (what PEFT-style per-adapter batching allows);
+  c. sequential: one request at a time.
+
+Every request decodes exactly ``--new-tokens`` tokens (min = max), so all cases do the same work.
+Prints one JSON line and writes benchmarks/results/serve.md.
+
+    python benchmarks/bench_serve.py [--model M] [--prefixes 8] [--requests 8] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+
+def _post(port: int, body: dict) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def _run(port: int, waves: list[list[dict]]) -> dict:
+    """Send each wave's requests concurrently, waves one after another; time everything."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for wave in waves:
+        def one(body):
+            t = time.perf_counter()
+            _post(port, body)
+            latencies.append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=one, args=(b,)) for b in wave]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    elapsed = time.perf_counter() - started
+    n = sum(len(w) for w in waves)
+    tokens = sum(b["max_new_tokens"] for w in waves for b in w)
+    latencies.sort()
+    return {"requests_per_s": n / elapsed, "tokens_per_s": tokens / elapsed, "seconds": elapsed,
+            "p50_latency_s": statistics.median(latencies), "p99_latency_s": latencies[min(len(latencies) - 1,
+                                                                                           int(0.99 * len(latencies)))]}
+
+
+def main() -> None:
+    import uvicorn
+
+    from prefixtune import PrefixConfig, PrefixTunedModel, load_base
+    from prefixtune.data import group_references, load_examples
+    from prefixtune.serving.app import ServerSettings, create_app
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--prefixes", type=int, default=8, help="number of prefixes (default: 8)")
+    ap.add_argument("--requests", type=int, default=8, help="requests per prefix (default: 8)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request (default: 32)")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"))
+    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "serve.md"))
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    base, tokenizer = load_base(args.model)
+    model = PrefixTunedModel(base, tokenizer)
+    names = [f"task{i}" for i in range(args.prefixes)]
+    prefix_dir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    for name in names:
+        model.add_prefix(name, PrefixConfig(num_virtual_tokens=10, init_std=0.5))
+        model.save_prefix(prefix_dir / name, name=name)
+        model.remove_prefix(name)
+    sources = [s for s, _ in group_references(load_examples("e2e", args.data, "test"))]
+    bodies = {name: [{"prefix": name, "inputs": sources[(i * args.requests + j) % len(sources)],
+                      "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
+                     for j in range(args.requests)] for i, name in enumerate(names)}
+
+    settings = ServerSettings(max_batch_size=args.prefixes * args.requests, request_timeout=3600)
+    app = create_app(model, tokenizer, prefix_dir, settings)
+    app.state.registry.load_all()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    _run(port, [[bodies[names[0]][0]]])  # warm-up
+    everything = [b for name in names for b in bodies[name]]
+    results = {
+        "mixed": _run(port, [everything]),
+        "per_prefix": _run(port, [bodies[name] for name in names]),
+        "sequential": _run(port, [[b] for b in everything]),
+    }
+    server.should_exit = True
+    thread.join()
+
+    mixed = results["mixed"]["tokens_per_s"]
+    summary = {
+        "benchmark": "serve", "model": model.base_name, "prefixes": args.prefixes, "requests": len(everything),
+        "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads(),
+        **{f"{case}_{k}": round(v, 4) for case, r in results.items() for k, v in r.items()},
+        "speedup_vs_sequential": round(mixed / results["sequential"]["tokens_per_s"], 3),
+        "speedup_vs_per_prefix": round(mixed / results["per_prefix"]["tokens_per_s"], 3),
+    }
+    rows = ["| case | requests/s | tokens/s | p50 latency (s) | p99 latency (s) |", "|---|---|---|---|---|"]
+    labels = {"mixed": "a. mixed-prefix batching", "per_prefix": "b. per-prefix batches",
+              "sequential": "c. one request at a time"}
+    for case, r in results.items():
+        rows.append(f"| {labels[case]} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+                    f"{r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} |")
+    table = "\n".join(rows)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# bench_serve\n\n{len(everything)} requests ({args.prefixes} prefixes × {args.requests}), "
+                   f"{args.new_tokens} new tokens each, greedy, model {model.base_name}, "
+                   f"{torch.get_num_threads()} threads.\n\n{table}\n\nmixed vs sequential: "
+                   f"{summary['speedup_vs_sequential']}×; mixed vs per-prefix: {summary['speedup_vs_per_prefix']}×\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
