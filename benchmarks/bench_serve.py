@@ -29,8 +29,11 @@ import torch
 
 
 def _post(port: int, body: dict) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/generate",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())
 
@@ -40,6 +43,7 @@ def _run(port: int, waves: list[list[dict]]) -> dict:
     latencies: list[float] = []
     started = time.perf_counter()
     for wave in waves:
+
         def one(body):
             t = time.perf_counter()
             _post(port, body)
@@ -54,9 +58,13 @@ def _run(port: int, waves: list[list[dict]]) -> dict:
     n = sum(len(w) for w in waves)
     tokens = sum(b["max_new_tokens"] for w in waves for b in w)
     latencies.sort()
-    return {"requests_per_s": n / elapsed, "tokens_per_s": tokens / elapsed, "seconds": elapsed,
-            "p50_latency_s": statistics.median(latencies), "p99_latency_s": latencies[min(len(latencies) - 1,
-                                                                                           int(0.99 * len(latencies)))]}
+    return {
+        "requests_per_s": n / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "seconds": elapsed,
+        "p50_latency_s": statistics.median(latencies),
+        "p99_latency_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
 
 
 def main() -> None:
@@ -85,9 +93,18 @@ def main() -> None:
         model.save_prefix(prefix_dir / name, name=name)
         model.remove_prefix(name)
     sources = [s for s, _ in group_references(load_examples("e2e", args.data, "test"))]
-    bodies = {name: [{"prefix": name, "inputs": sources[(i * args.requests + j) % len(sources)],
-                      "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
-                     for j in range(args.requests)] for i, name in enumerate(names)}
+    bodies = {
+        name: [
+            {
+                "prefix": name,
+                "inputs": sources[(i * args.requests + j) % len(sources)],
+                "max_new_tokens": args.new_tokens,
+                "min_new_tokens": args.new_tokens,
+            }
+            for j in range(args.requests)
+        ]
+        for i, name in enumerate(names)
+    }
 
     settings = ServerSettings(max_batch_size=args.prefixes * args.requests, request_timeout=3600)
     app = create_app(model, tokenizer, prefix_dir, settings)
@@ -113,25 +130,36 @@ def main() -> None:
 
     mixed = results["mixed"]["tokens_per_s"]
     summary = {
-        "benchmark": "serve", "model": model.base_name, "prefixes": args.prefixes, "requests": len(everything),
-        "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads(),
+        "benchmark": "serve",
+        "model": model.base_name,
+        "prefixes": args.prefixes,
+        "requests": len(everything),
+        "new_tokens": args.new_tokens,
+        "torch_threads": torch.get_num_threads(),
         **{f"{case}_{k}": round(v, 4) for case, r in results.items() for k, v in r.items()},
         "speedup_vs_sequential": round(mixed / results["sequential"]["tokens_per_s"], 3),
         "speedup_vs_per_prefix": round(mixed / results["per_prefix"]["tokens_per_s"], 3),
     }
     rows = ["| case | requests/s | tokens/s | p50 latency (s) | p99 latency (s) |", "|---|---|---|---|---|"]
-    labels = {"mixed": "a. mixed-prefix batching", "per_prefix": "b. per-prefix batches",
-              "sequential": "c. one request at a time"}
+    labels = {
+        "mixed": "a. mixed-prefix batching",
+        "per_prefix": "b. per-prefix batches",
+        "sequential": "c. one request at a time",
+    }
     for case, r in results.items():
-        rows.append(f"| {labels[case]} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-                    f"{r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} |")
+        rows.append(
+            f"| {labels[case]} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} |"
+        )
     table = "\n".join(rows)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# bench_serve\n\n{len(everything)} requests ({args.prefixes} prefixes × {args.requests}), "
-                   f"{args.new_tokens} new tokens each, greedy, model {model.base_name}, "
-                   f"{torch.get_num_threads()} threads.\n\n{table}\n\nmixed vs sequential: "
-                   f"{summary['speedup_vs_sequential']}×; mixed vs per-prefix: {summary['speedup_vs_per_prefix']}×\n")
+    out.write_text(
+        f"# bench_serve\n\n{len(everything)} requests ({args.prefixes} prefixes × {args.requests}), "
+        f"{args.new_tokens} new tokens each, greedy, model {model.base_name}, "
+        f"{torch.get_num_threads()} threads.\n\n{table}\n\nmixed vs sequential: "
+        f"{summary['speedup_vs_sequential']}×; mixed vs per-prefix: {summary['speedup_vs_per_prefix']}×\n"
+    )
     print(json.dumps(summary))
 
 

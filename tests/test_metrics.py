@@ -113,3 +113,16 @@ def test_misaligned_inputs_are_errors():
         evaluate("e2e", [["a"]], ["a", "b"])
     with pytest.raises(PrefixTuneError, match="unknown task 'bleu'"):
         evaluate("bleu", [["a"]], ["a"])
+
+
+@pytest.mark.slow
+def test_the_readme_results_are_what_the_committed_predictions_score():
+    import json
+    from pathlib import Path
+
+    from prefixtune.evaluation import evaluate_files
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "lowdata-e2e-200"
+    stored = json.loads((results / "results.json").read_text())["metrics"]
+    scores = evaluate_files("e2e", E2E / "testset_w_refs.csv", results / "test_predictions.txt")
+    assert scores == pytest.approx(stored, abs=1e-9)
