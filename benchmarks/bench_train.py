@@ -1,0 +1,243 @@
+"""Training throughput, side by side: prefixtune vs PEFT prefix tuning (HF Trainer) vs full fine-tuning.
+
+Same model (default SmolLM2-135M-Instruct), same data (an E2E train subset with its real lengths,
+source masked), same batch size, same prefix (P virtual tokens through a 512-wide MLP), same number
+of steps. Each system runs in its own process so that its peak RSS is its own. Also measures this
+machine's matmul GFLOP/s (fp32, bf16) and the FLOP-bound tokens/s (peak ÷ 4 × parameters per token
+for a frozen base). Prints one JSON line last and writes benchmarks/results/train.md.
+
+    python benchmarks/bench_train.py [--steps 20] [--batch-size 8] [--systems prefixtune,peft,full]
+
+Needs the `peft` package for system b (`pip install -e ".[bench]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "e2e"
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def _features(args):
+    """Token ids and labels (source masked) of the first steps × batch E2E training examples."""
+    from prefixtune import load_base
+    from prefixtune.data import load_examples, subset
+    from prefixtune.features import Formatter, context_length
+
+    model, tokenizer = load_base(args.model)
+    examples = subset(load_examples("e2e", args.data, "train"), (args.steps + args.warmup) * args.batch_size, 0)
+    fmt = Formatter(tokenizer, False, context_length(model.config), args.prefix_len)
+    return model, tokenizer, [fmt.encode(e) for e in examples]
+
+
+def _batches(features, batch_size, pad_id):
+    from prefixtune.features import collate
+
+    return [collate(features[i : i + batch_size], pad_id) for i in range(0, len(features), batch_size)]
+
+
+def run_prefixtune(args) -> dict:
+    from prefixtune import PrefixConfig, PrefixTunedModel
+
+    base, tokenizer, features = _features(args)
+    torch.manual_seed(0)
+    model = PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=args.prefix_len, mid_dim=512))
+    model.train()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr)
+    return _timed(args, _batches(features, args.batch_size, tokenizer.pad_token_id), lambda b: model(**b).loss, opt)
+
+
+def run_peft(args) -> dict:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    base, tokenizer, features = _features(args)
+    torch.manual_seed(0)
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=args.prefix_len, prefix_projection=True, encoder_hidden_size=512
+    )
+    model = get_peft_model(base, config)
+    return _trainer(args, model, tokenizer, features)
+
+
+def run_full(args) -> dict:
+    base, tokenizer, features = _features(args)
+    return _trainer(args, base, tokenizer, features)
+
+
+def _trainer(args, model, tokenizer, features) -> dict:
+    """The usual Hugging Face Trainer recipe; step times from a callback."""
+    import tempfile
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from prefixtune.features import collate
+
+    marks: list[float] = []
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            marks.append(time.perf_counter())
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    rows = [{"input_ids": f.input_ids, "labels": f.labels} for f in features]
+
+    def collator(batch):
+        from prefixtune.features import Features
+
+        return collate([Features(r["input_ids"], r["labels"]) for r in batch], tokenizer.pad_token_id)
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps + args.warmup,
+            learning_rate=args.lr,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[Clock()])
+        start = time.perf_counter()
+        trainer.train()
+    marks.insert(0, start)
+    batches = _batches(features, args.batch_size, tokenizer.pad_token_id)
+    return _summary(args, marks, batches, losses[-1] if losses else float("nan"))
+
+
+def _timed(args, batches, loss_fn, opt) -> dict:
+    marks, loss = [time.perf_counter()], None
+    for batch in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(batch)
+        loss.backward()
+        opt.step()
+        marks.append(time.perf_counter())
+    return _summary(args, marks, batches, float(loss))
+
+
+def _summary(args, marks, batches, final_loss) -> dict:
+    timed = batches[args.warmup :]
+    seconds = marks[-1] - marks[args.warmup]
+    real = sum(int(b["attention_mask"].sum()) for b in timed)
+    target = sum(int((b["labels"] != -100).sum()) for b in timed)
+    return {
+        "tokens_per_s": real / seconds,
+        "target_tokens_per_s": target / seconds,
+        "seconds_per_step": seconds / len(timed),
+        "final_loss": final_loss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+SYSTEMS = {"prefixtune": run_prefixtune, "peft": run_peft, "full": run_full}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", default=str(DATA), help="E2E release folder")
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default: 20)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: 2)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--prefix-len", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--systems", default="prefixtune,peft,full")
+    ap.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child process: run one system
+    ap.add_argument("--output", default=str(HERE / "results" / "train.md"))
+    args = ap.parse_args()
+    if args.system:
+        print(json.dumps(SYSTEMS[args.system](args)))
+        return
+    results = {}
+    for name in args.systems.split(","):
+        cmd = [sys.executable, __file__, "--system", name, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    from transformers import AutoConfig
+
+    from prefixtune.base import convert_default_model
+
+    params = _parameter_count(args.model or str(convert_default_model()), AutoConfig)
+    limit = fp32 * 1e9 / (4 * params)
+    ours = results.get("prefixtune", {})
+    peft = results.get("peft", {})
+    summary = {
+        "benchmark": "train",
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "prefix_len": args.prefix_len,
+        "matmul_gflops_fp32": round(fp32, 1),
+        "matmul_gflops_bf16": round(bf16, 1),
+        "parameters": params,
+        "flop_limit_tokens_per_s": round(limit, 1),
+        **{f"{name}_{k}": round(v, 4) for name, r in results.items() for k, v in r.items()},
+    }
+    if ours and peft:
+        summary["speedup_vs_peft"] = round(ours["tokens_per_s"] / peft["tokens_per_s"], 3)
+        summary["peak_rss_ratio_vs_peft"] = round(ours["peak_rss_mb"] / peft["peak_rss_mb"], 3)
+    if ours:
+        summary["fraction_of_flop_limit"] = round(ours["tokens_per_s"] / limit, 3)
+    _write_table(args, results, summary)
+    print(json.dumps(summary))
+
+
+def _parameter_count(path: str, auto_config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(auto_config.from_pretrained(path))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _write_table(args, results, summary) -> None:
+    rows = [
+        "| system | tokens/s (all) | tokens/s (target) | s/step | peak RSS (MB) | final loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        rows.append(
+            f"| {name} | {r['tokens_per_s']:.1f} | {r['target_tokens_per_s']:.1f} | "
+            f"{r['seconds_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['final_loss']:.3f} |"
+        )
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        f"# bench_train\n\n{args.steps} steps × batch {args.batch_size}, E2E train subset, prefix "
+        f"{args.prefix_len} tokens (MLP 512).\n\n" + "\n".join(rows) + "\n\n"
+        f"matmul: fp32 {summary['matmul_gflops_fp32']} GFLOP/s, bf16 {summary['matmul_gflops_bf16']} "
+        f"GFLOP/s; FLOP-bound (fp32, 4 × {summary['parameters']} FLOPs/token): "
+        f"{summary['flop_limit_tokens_per_s']} tokens/s\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
