@@ -63,7 +63,12 @@ def run_prefixtune(args) -> dict:
     model = PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=args.prefix_len, mid_dim=512))
     model.train()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr)
-    return _timed(args, _batches(features, args.batch_size, tokenizer.pad_token_id), lambda b: model(**b).loss, opt)
+    return _timed(
+        args,
+        _batches(features, args.batch_size, tokenizer.pad_token_id),
+        lambda b: model(**b, loss_only=True).loss,
+        opt,
+    )
 
 
 def run_peft(args) -> dict:

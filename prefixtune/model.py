@@ -84,6 +84,8 @@ class PrefixTunedModel(nn.Module):
         self.base_fingerprint: str | None = None
         self.base_name: str = getattr(base.config, "_name_or_path", "") or base.config.model_type
         self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        # Models that slice with transformers' helper accept a boolean (B, T) mask: LM head on targets only.
+        self._target_logits = self._logits_to_keep and "slice_logits_to_keep" in inspect.getsource(type(base).forward)
         self._encoder_hooks = None
         self.cache_config = base.config  # sizes the decoder caches
         if self.geometry.is_encoder_decoder:
@@ -266,6 +268,7 @@ class PrefixTunedModel(nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool = False,
+        loss_only: bool = False,
         **kwargs,
     ) -> PrefixLMOutput:
         """Run the model with each row's prefix.
@@ -279,6 +282,8 @@ class PrefixTunedModel(nn.Module):
             decoder_input_ids: (B, T_dec) decoder inputs; derived from labels when omitted.
             decoder_attention_mask: (B, T_dec).
             use_cache: Return the cache for further decoding.
+            loss_only: With labels, compute logits only where a target is predicted (training): the
+                LM head skips source and padding positions, and ``logits`` is (N_targets, V).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -287,6 +292,13 @@ class PrefixTunedModel(nn.Module):
             return self._forward_seq2seq(
                 input_ids, attention_mask, labels, batch, decoder_input_ids, decoder_attention_mask, use_cache, **kwargs
             )
+        if loss_only and labels is not None and self._target_logits:
+            predict = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): positions whose next token is a target
+            predict[:, :-1] = labels[:, 1:] != -100
+            out = self.run_causal(input_ids, attention_mask, batch["decoder"], logits_to_keep=predict, **kwargs)
+            targets = labels[:, 1:][predict[:, :-1]]  # (N,)
+            loss = nn.functional.cross_entropy(out.logits.float().reshape(len(targets), -1), targets)
+            return PrefixLMOutput(loss, out.logits, int(targets.numel()), out.cache if use_cache else None)
         out = self.run_causal(input_ids, attention_mask, batch["decoder"], **kwargs)
         loss, count = causal_loss(out.logits, labels) if labels is not None else (None, 0)
         return PrefixLMOutput(loss, out.logits, count, out.cache if use_cache else None)

@@ -148,7 +148,7 @@ def dev_loss(model: PrefixTunedModel, features, batch_size: int, pad_id: int) ->
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(features), batch_size):
-        out = model(**_to(collate(features[i : i + batch_size], pad_id), model.device))
+        out = model(**_to(collate(features[i : i + batch_size], pad_id), model.device), loss_only=True)
         total += float(out.loss) * out.num_target_tokens
         count += out.num_target_tokens
     model.train()
@@ -259,7 +259,7 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for j in range(0, len(batch), micro):
-                out = model(**_to(collate(batch[j : j + micro], pad_id), model.device))
+                out = model(**_to(collate(batch[j : j + micro], pad_id), model.device), loss_only=True)
                 (out.loss * (out.num_target_tokens / targets)).backward()
                 loss_sum += float(out.loss.detach()) * out.num_target_tokens
             if cfg.max_grad_norm > 0:

@@ -244,3 +244,24 @@ def test_init_text_length_mismatch_and_unknown_prefix():
     model = PrefixTunedModel.wrap(tiny_model("gpt2"), PrefixConfig(num_virtual_tokens=2))
     with pytest.raises(PrefixTuneError, match="unknown prefix 'nope'"):
         model(torch.tensor([[5, 6]]), prefix="nope")
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_loss_only_equals_the_full_loss_and_gradients(family):
+    model = _two_prefixes(family, (4, 4) if family == "bart" else (3, 5))
+    ids, mask = _batch([[5, 6, 7, 8, 9], [10, 11, 12]])
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :2] = -100  # a masked source
+    model.train()
+    full = model(ids, mask, labels=labels, prefix=["A", "B"])
+    full.loss.backward()
+    grads = [p.grad.clone() for p in model.trainable_parameters()]
+    model.zero_grad()
+    fast = model(ids, mask, labels=labels, prefix=["A", "B"], loss_only=True)
+    fast.loss.backward()
+    torch.testing.assert_close(fast.loss, full.loss)
+    assert fast.num_target_tokens == full.num_target_tokens
+    for a, p in zip(grads, model.trainable_parameters()):
+        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
+    if family in DECODER_ONLY:
+        assert fast.logits.shape[0] == full.num_target_tokens  # the LM head ran on target positions only
