@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_bidirectional_mask
 
 from .errors import PrefixTuneError
@@ -87,6 +88,29 @@ def filled_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config) -> Dyn
     cache = DynamicCache(config=config)
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
+    return cache
+
+
+class _ReadOnlyPrefixLayer(DynamicLayer):
+    """A cache layer that holds only the prefix: ``update`` returns [prefix; new] without storing.
+
+    Used for training passes, which need no cache afterwards. Having no side effect, it is safe to
+    run twice, as gradient checkpointing does when it recomputes a layer in the backward pass.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def read_only_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
+    """A cache whose layers present the prefix to attention but keep nothing (training passes)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_ReadOnlyPrefixLayer(k, v) for k, v in layers]
     return cache
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,26 +296,74 @@ class PrefixTunedModel(nn.Module):
         if loss_only and labels is not None and self._target_logits:
             predict = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): positions whose next token is a target
             predict[:, :-1] = labels[:, 1:] != -100
-            out = self.run_causal(input_ids, attention_mask, batch["decoder"], logits_to_keep=predict, **kwargs)
+            out = self.run_causal(
+                input_ids, attention_mask, batch["decoder"], use_cache, logits_to_keep=predict, **kwargs
+            )
             targets = labels[:, 1:][predict[:, :-1]]  # (N,)
             loss = nn.functional.cross_entropy(out.logits.float().reshape(len(targets), -1), targets)
             return PrefixLMOutput(loss, out.logits, int(targets.numel()), out.cache if use_cache else None)
-        out = self.run_causal(input_ids, attention_mask, batch["decoder"], **kwargs)
+        out = self.run_causal(input_ids, attention_mask, batch["decoder"], use_cache, **kwargs)
         loss, count = causal_loss(out.logits, labels) if labels is not None else (None, 0)
         return PrefixLMOutput(loss, out.logits, count, out.cache if use_cache else None)
 
-    def run_causal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, dec: injection.StackPrefix, **kwargs):
-        """One pass of a decoder-only base over (B, T) inputs after the prefix ``dec``."""
+    def run_causal(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        dec: injection.StackPrefix,
+        keep: bool = True,
+        **kwargs,
+    ):
+        """One pass of a decoder-only base over (B, T) inputs after the prefix ``dec``.
+
+        With ``keep=False`` (training) the cache only presents the prefix and stores nothing, which
+        also makes the pass safe under gradient checkpointing.
+        """
         if "logits_to_keep" in kwargs and not self._logits_to_keep:
             kwargs.pop("logits_to_keep")
-        return self.base(
-            input_ids=input_ids,
-            attention_mask=torch.cat([dec.mask, attention_mask.long()], dim=1),  # (B, P + T)
-            position_ids=injection.positions(dec.lengths, attention_mask),
-            cache=injection.filled_cache(dec.layers, self.cache_config),
-            use_cache=True,
-            **kwargs,
-        )
+        make = injection.filled_cache if keep else injection.read_only_cache
+        with self._checkpointing_layers(not keep):
+            return self.base(
+                input_ids=input_ids,
+                attention_mask=torch.cat([dec.mask, attention_mask.long()], dim=1),  # (B, P + T)
+                position_ids=injection.positions(dec.lengths, attention_mask),
+                cache=make(dec.layers, self.cache_config),
+                use_cache=keep,
+                **kwargs,
+            )
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in the backward pass instead of storing its activations.
+
+        Works with the prefix (decoder-only models): training passes use a side-effect-free
+        prefix cache, so the recomputed layer sees exactly the same keys and values.
+        """
+        if self.geometry.is_encoder_decoder:
+            raise PrefixTuneError("gradient checkpointing with a prefix is supported for decoder-only models")
+        if hasattr(self.base, "activation_checkpointing_enable"):  # transformers ≥ 5.2x name
+            self.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._checkpointed = [
+            m
+            for m in self.base.modules()
+            if getattr(m, "gradient_checkpointing", False) and hasattr(type(m), "_can_checkpoint_with_cache")
+        ]
+        for layer in self._checkpointed:
+            layer._can_checkpoint_with_cache = True  # our training cache is read-only
+
+    @contextmanager
+    def _checkpointing_layers(self, active: bool):
+        """The frozen base stays in eval mode (no dropout); only the layers' own flag says "training",
+        which is what makes transformers checkpoint them."""
+        layers = getattr(self, "_checkpointed", []) if active and self.training else []
+        for layer in layers:
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.training = False
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict

@@ -57,6 +57,7 @@ class TrainConfig:
         resume: Continue from the run directory's last checkpoint.
         progress: Show a progress bar.
         cache_dir: Where the converted default model is cached (default ~/.cache/prefixtune).
+        gradient_checkpointing: Recompute layers in the backward pass to save memory.
         prefix: The prefix to train.
     """
 
@@ -84,6 +85,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = False
     cache_dir: str | None = None
+    gradient_checkpointing: bool = False
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
 
     def __post_init__(self) -> None:
@@ -181,6 +183,8 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     )
     torch.manual_seed(cfg.seed)
     model = PrefixTunedModel.wrap(model_obj, cfg.prefix, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     if cfg.model:
         model.base_name = cfg.model
     prefix = model.prefixes[model.active]

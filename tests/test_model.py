@@ -265,3 +265,47 @@ def test_loss_only_equals_the_full_loss_and_gradients(family):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
     if family in DECODER_ONLY:
         assert fast.logits.shape[0] == full.num_target_tokens  # the LM head ran on target positions only
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradient_checkpointing_keeps_the_prefix_and_the_gradients(family):
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        model = PrefixTunedModel.wrap(tiny_model(family), PrefixConfig(num_virtual_tokens=4, mid_dim=16, init_std=0.5))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        ids, mask = _batch([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
+        labels = torch.where(mask.bool(), ids, -100)
+        calls = []
+        hook = (
+            model.base.get_decoder().layers[0].register_forward_hook(lambda *a: calls.append(1))
+            if family == "llama"
+            else model.base.transformer.h[0].register_forward_hook(lambda *a: calls.append(1))
+        )
+        out = model(ids, mask, labels=labels, loss_only=True)
+        out.loss.backward()
+        hook.remove()
+        return out.loss.detach(), [p.grad.clone() for p in model.trainable_parameters()], len(calls)
+
+    loss_a, grads_a, calls_a = grads(False)
+    loss_b, grads_b, calls_b = grads(True)
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert (calls_a, calls_b) == (1, 1)  # forward hooks stay outside the checkpoint: one call each
+
+
+def test_gradient_checkpointing_recomputes_layers_in_backward():
+    torch.manual_seed(0)
+    model = PrefixTunedModel.wrap(tiny_model("llama"), PrefixConfig(num_virtual_tokens=4, mid_dim=16))
+    model.gradient_checkpointing_enable()
+    model.train()
+    calls = []
+    handle = model.base.get_decoder().layers[1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(ids, labels=ids, loss_only=True).loss.backward()
+    handle.remove()
+    assert len(calls) == 2  # the MLP ran in the forward pass and again when backward recomputed the layer
+    with pytest.raises(PrefixTuneError, match="decoder-only"):
+        PrefixTunedModel.wrap(tiny_model("t5"), PrefixConfig(num_virtual_tokens=2)).gradient_checkpointing_enable()

@@ -150,3 +150,11 @@ def test_resume_after_kill_9_mid_epoch_ends_with_the_same_prefix(model_dir, tmp_
     b = load_file(str(killed / "prefix.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r for r in read_log(whole) if r["event"] == "dev"] == [r for r in read_log(killed) if r["event"] == "dev"]
+
+
+def test_gradient_checkpointing_trains_the_same_prefix(tmp_path):
+    prefixes = []
+    for flag in (False, True):
+        result = train(_cfg(tmp_path, f"gc{flag}", dev_size=2, epochs=1, gradient_checkpointing=flag), base=_base())
+        prefixes.append(load_file(str(Path(result.output) / "prefix.safetensors"))["decoder"])
+    torch.testing.assert_close(prefixes[0], prefixes[1], atol=1e-5, rtol=0)
