@@ -197,6 +197,18 @@ def step(model, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1]
 
 
+def sampling_warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """Transformers' temperature, top-k and top-p warpers (they read only the scores)."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
 def _processors(opts: GenerationOptions, prompt_len: int, eos: list[int], sampling: bool) -> LogitsProcessorList:
     procs = LogitsProcessorList()
     if opts.no_repeat_ngram_size > 0:
@@ -204,12 +216,7 @@ def _processors(opts: GenerationOptions, prompt_len: int, eos: list[int], sampli
     if opts.min_new_tokens > 0 and eos:
         procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, opts.min_new_tokens, eos))
     if sampling:
-        if opts.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(opts.temperature))
-        if opts.top_k > 0:
-            procs.append(TopKLogitsWarper(opts.top_k))
-        if opts.top_p < 1.0:
-            procs.append(TopPLogitsWarper(opts.top_p))
+        procs.extend(sampling_warpers(opts.temperature, opts.top_k, opts.top_p))
     return procs
 
 

@@ -35,10 +35,9 @@ _ENC_DEC_FIELDS = {
         ("decoder_attention_heads",),
         (),
     ),
-    "t5": (("num_layers",), ("num_decoder_layers",), ("num_heads",), ("num_heads",), ("d_kv",)),
-    "mt5": (("num_layers",), ("num_decoder_layers",), ("num_heads",), ("num_heads",), ("d_kv",)),
-    "umt5": (("num_layers",), ("num_decoder_layers",), ("num_heads",), ("num_heads",), ("d_kv",)),
 }
+_T5_FIELDS = (("num_layers",), ("num_decoder_layers",), ("num_heads",), ("num_heads",), ("d_kv",))
+_ENC_DEC_FIELDS.update({family: _T5_FIELDS for family in ("t5", "mt5", "umt5", "longt5")})
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,15 @@ from .geometry import read_geometry
 from .prefix import Prefix
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_prefix_name(name: str) -> str:
+    """A prefix name is also a folder name: letters, digits, ``_ - .``, no ``..``, no paths."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise PrefixTuneError(f"invalid prefix name {name!r}: use letters, digits, '_', '-', '.' (no paths)")
+    return name
+
+
 # Encoder-decoder families whose decoder positions are relative (so left-padded prefixes of
 # different lengths keep every row's positions). Others use absolute decoder positions.
 _RELATIVE_DECODER_POSITIONS = {"t5", "mt5", "umt5", "longt5"}
@@ -121,8 +130,7 @@ class PrefixTunedModel(nn.Module):
 
     def add_prefix(self, name: str, config: PrefixConfig, tokenizer=None) -> Prefix:
         """Add a trainable prefix, randomly or from ``config.init_text`` (needs a tokenizer)."""
-        if not _NAME.match(name or ""):
-            raise PrefixTuneError(f"invalid prefix name {name!r}: use letters, digits, '_', '-', '.'")
+        check_prefix_name(name)
         config = copy.deepcopy(config)
         ids = None
         if config.init_text is not None:

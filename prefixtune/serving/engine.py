@@ -290,19 +290,12 @@ class Engine:
 
 
 def _pick(row: torch.Tensor, request: Request) -> int:
+    """Greedy, or a sample through the same warpers offline ``generate`` uses."""
     if not request.do_sample:
         return int(row.argmax())
-    scores = row / request.temperature
-    if request.top_k > 0:
-        kth = torch.topk(scores, min(request.top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if request.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(ordered, dim=-1) > request.top_p  # keep the first token over top_p
-        scores = scores.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=request.generator))
+    warpers = generation.sampling_warpers(request.temperature, request.top_k, request.top_p)
+    scores = warpers(None, row[None])[0]  # (V,)
+    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=request.generator))
 
 
 def _finish_reason(request: Request, eos: set[int]) -> str | None:

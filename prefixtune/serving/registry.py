@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import shutil
 import tempfile
 import threading
@@ -18,19 +17,11 @@ from pathlib import Path
 
 from ..errors import PrefixTuneError
 from ..files import CONFIG, WEIGHTS
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+from ..model import check_prefix_name
 
 
 class PrefixNotFound(PrefixTuneError):
     """No prefix (or prefix folder) of that name."""
-
-
-def check_name(name: str) -> str:
-    """A prefix name that is a plain folder name: no path separators, no ``..``."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise PrefixTuneError(f"invalid prefix name {name!r}: use letters, digits, '_', '-', '.' (no paths)")
-    return name
 
 
 class PrefixRegistry:
@@ -50,7 +41,7 @@ class PrefixRegistry:
             raise PrefixTuneError(f"{directory}: prefix directory not found")
 
     def _folder(self, name: str) -> Path:
-        path = (self.directory / check_name(name)).resolve()
+        path = (self.directory / check_prefix_name(name)).resolve()
         if path.parent != self.directory:
             raise PrefixTuneError(f"invalid prefix name {name!r}: must be a folder directly inside {self.directory}")
         return path
@@ -96,7 +87,7 @@ class PrefixRegistry:
 
     def remove(self, name: str) -> None:
         """Unload prefix ``name`` (its folder stays on disk)."""
-        check_name(name)
+        check_prefix_name(name)
         with self.lock:
             if name not in self.model.prefixes:
                 raise PrefixNotFound(f"unknown prefix {name!r}")
