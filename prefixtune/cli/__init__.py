@@ -5,6 +5,7 @@ prefixtune generate   decode with a trained prefix
 prefixtune evaluate   score predictions with the task's official metrics
 prefixtune export     write an ejected prefix folder from a run's checkpoint
 prefixtune inspect    show a prefix folder's config, size and base model
+prefixtune import-peft / export-peft   move prefixes between PEFT and prefixtune
 prefixtune data       download the paper's data sets
 """
 

@@ -1,4 +1,4 @@
-"""``prefixtune export`` and ``prefixtune inspect``: prefix folders without training."""
+"""``export``, ``inspect``, ``import-peft`` and ``export-peft``: prefix folders without training."""
 
 from __future__ import annotations
 
@@ -28,6 +28,30 @@ def add_parsers(sub) -> None:
     p.add_argument("path", help="prefix folder or run directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=inspect)
+    p = sub.add_parser(
+        "import-peft",
+        help="convert a PEFT PREFIX_TUNING checkpoint into a prefix folder",
+        description="Convert a PEFT prefix-tuning checkpoint (adapter_config.json + adapter_model.safetensors) of a "
+        "decoder-only model into a prefixtune prefix folder. Loads the base model to record its fingerprint.",
+    )
+    p.add_argument("peft_dir", metavar="DIR", help="PEFT checkpoint folder")
+    p.add_argument("output", metavar="OUT", help="prefix folder to write")
+    p.add_argument(
+        "--model", default=None, help="base model (default: the checkpoint's base_model_name_or_path, else the default)"
+    )
+    p.set_defaults(func=import_peft)
+    p = sub.add_parser(
+        "export-peft",
+        help="convert a prefix folder into a PEFT PREFIX_TUNING checkpoint",
+        description="Write a decoder-only prefix folder as a PEFT prefix-tuning checkpoint that "
+        "PeftModel.from_pretrained loads. Encoder-decoder and embedding-mode prefixes have no PEFT equivalent.",
+    )
+    p.add_argument("prefix", metavar="PREFIX", help="prefix folder")
+    p.add_argument("output", metavar="OUT", help="PEFT checkpoint folder to write")
+    p.add_argument(
+        "--base-model-name", default=None, help="base_model_name_or_path to record (default: the prefix's base model)"
+    )
+    p.set_defaults(func=export_peft)
 
 
 def export(args) -> int:
@@ -62,4 +86,30 @@ def inspect(args) -> int:
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
+def import_peft(args) -> int:
+    from ..base import load_base
+    from ..interop import import_peft as convert
+    from ..interop import read_peft
+    from ..model import PrefixTunedModel
+
+    config, _ = read_peft(args.peft_dir)  # check the checkpoint before loading any model
+    name = args.model or config.get("base_model_name_or_path")
+    base, tokenizer = load_base(name, cache_dir=cache_dir())
+    model = PrefixTunedModel(base, tokenizer)
+    if name:
+        model.base_name = name
+    convert(model, args.peft_dir)
+    model.save_prefix(args.output, metadata={"imported_from": str(Path(args.peft_dir).resolve())})
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def export_peft(args) -> int:
+    from ..interop import export_peft as convert
+
+    path = convert(args.prefix, args.output, args.base_model_name)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
