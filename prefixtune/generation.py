@@ -265,28 +265,42 @@ def generate(
 
 
 def _sample(model, state, logits, prompt, opts, eos, pad, generator) -> torch.Tensor:
-    """Greedy decoding or sampling, as Hugging Face ``_sample``."""
+    """Greedy decoding or sampling, as Hugging Face ``_sample``; finished rows leave the batch."""
     procs = _processors(opts, prompt.shape[1], eos, opts.do_sample)
     eos_t = torch.tensor(eos, device=prompt.device)
+    out = torch.full((len(prompt), prompt.shape[1] + opts.max_new_tokens), pad, dtype=torch.long, device=prompt.device)
+    out[:, : prompt.shape[1]] = prompt
+    width = prompt.shape[1]
+    alive = torch.arange(len(prompt), device=prompt.device)  # batch rows still decoding
     seqs = prompt
-    unfinished = torch.ones(len(prompt), dtype=torch.bool, device=prompt.device)
     for i in range(opts.max_new_tokens):
-        scores = procs(seqs, logits.float())  # (B, V)
+        scores = procs(seqs, logits.float())  # (B', V)
         if opts.do_sample:
             tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
         else:
             tokens = scores.argmax(dim=-1)
-        tokens = torch.where(unfinished, tokens, pad)  # (B,)
         seqs = torch.cat([seqs, tokens[:, None]], dim=1)
-        unfinished &= ~torch.isin(tokens, eos_t)
-        if not unfinished.any() or i == opts.max_new_tokens - 1:
+        out[alive, prompt.shape[1] + i] = tokens
+        width = prompt.shape[1] + i + 1
+        going = ~torch.isin(tokens, eos_t)  # (B',)
+        if not going.any() or i == opts.max_new_tokens - 1:
             break
+        if not going.all():
+            keep = going.nonzero()[:, 0]
+            alive, seqs, tokens = alive[keep], seqs[keep], tokens[keep]
+            state.select(keep)
+            if state.encoder_hidden is None:
+                trim_state(state)
         logits = step(model, state, tokens)
-    return seqs
+    return out[:, :width]
 
 
 def _beam_search(model, state, logits, prompt, opts, eos, pad) -> torch.Tensor:
-    """Beam search following Hugging Face's (vectorized) implementation, early_stopping=False heuristic."""
+    """Beam search following Hugging Face's (vectorized) implementation, early_stopping=False heuristic.
+
+    Same results as Hugging Face, less work: a row leaves the batch as soon as its best K
+    hypotheses are final, instead of being recomputed until the last row ends.
+    """
     batch, k = prompt.shape[0], opts.num_beams
     vocab = logits.shape[-1]
     prompt_len = prompt.shape[1]
@@ -310,6 +324,9 @@ def _beam_search(model, state, logits, prompt, opts, eos, pad) -> torch.Tensor:
     is_finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)[:, None]
+    alive = torch.arange(batch, device=device)  # batch rows still searching
+    out_seqs = torch.full((batch, max_len), pad, dtype=torch.long, device=device)
+    out_len = torch.zeros(batch, dtype=torch.long, device=device)
     cur = prompt_len
     while True:
         flat_seqs = running[:, :, :cur].reshape(batch * k, cur)  # (B*K, cur)
@@ -352,8 +369,21 @@ def _beam_search(model, state, logits, prompt, opts, eos, pad) -> torch.Tensor:
         stop_all = opts.early_stopping and bool(is_finished.all())
         if not improvable.any() or stop_all or bool(hits.all()) or cur >= max_len:
             break
-        reorder = (beam_source + torch.arange(batch, device=device)[:, None] * k).view(-1)  # (B*K,)
+        # Rows whose best K can no longer change leave the batch (Hugging Face keeps computing them).
+        going = improvable[:, 0] & ~(opts.early_stopping & is_finished.all(dim=1))  # (B',)
+        kept = going.nonzero()[:, 0] if not going.all() else torch.arange(len(going), device=device)
+        if len(kept) < len(going):
+            done = (~going).nonzero()[:, 0]
+            out_seqs[alive[done]], out_len[alive[done]] = finished_seqs[done, 0], finished_len[done, 0]
+            alive, running, running_scores = alive[kept], running[kept], running_scores[kept]
+            finished_seqs, finished_scores = finished_seqs[kept], finished_scores[kept]
+            finished_len, is_finished, improvable = finished_len[kept], is_finished[kept], improvable[kept]
+            beam_source, batch = beam_source[kept], len(kept)
+            rows = torch.arange(batch, device=device)[:, None]
+        reorder = (beam_source + kept[:, None] * k).view(-1)  # (B'*K,) beams of the kept rows
         state.select(reorder)
+        if state.encoder_hidden is None and len(kept) < len(going):
+            trim_state(state)
         logits = step(model, state, running[:, :, cur - 1].reshape(-1))
-    best_len = int(finished_len[:, 0].max())
-    return finished_seqs[:, 0, : prompt_len + best_len]
+    out_seqs[alive], out_len[alive] = finished_seqs[:, 0], finished_len[:, 0]
+    return out_seqs[:, : prompt_len + int(out_len.max())]

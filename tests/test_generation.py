@@ -103,3 +103,66 @@ def test_bad_generation_options():
         model.generate(torch.tensor([[5]]), num_beams=0)
     with pytest.raises(PrefixTuneError, match="unknown generation option"):
         model.generate(torch.tensor([[5]]), beams=3)
+
+
+def _rows_per_step(model):
+    """Record the batch size of every forward call of the base model."""
+    sizes = []
+    key = "decoder_input_ids"
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get(key) if kwargs.get(key) is not None else kwargs.get("input_ids")
+        sizes.append(len(ids))
+
+    return sizes, model.base.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_rows_leave_the_batch_when_done_and_results_equal_hf_generate(num_beams):
+    """Finished rows stop being computed; the outputs stay those of HF generate on the word prefix."""
+    base = tiny_model("llama")  # the tiny GPT-2 repeats one token per row; Llama's rows vary
+    model = PrefixTunedModel.wrap(base, PrefixConfig(init_text="table-to-text:", reparameterize=False), TOK)
+    w = torch.tensor([TOK("table-to-text:")["input_ids"]])
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20], [21, 22, 23, 24]])
+    eos = _staggered_eos(model, ids, rows=range(len(ids)))
+    kwargs = dict(max_new_tokens=12, num_beams=num_beams, eos_token_id=eos, pad_token_id=0, length_penalty=0.0)
+    sizes, handle = _rows_per_step(model)
+    got = model.generate(ids, **kwargs)
+    handle.remove()
+    want = base.generate(torch.cat([w.expand(len(ids), -1), ids], 1), do_sample=False, **kwargs)
+    got, want = got[:, ids.shape[1] :], want[:, w.shape[1] + ids.shape[1] :]
+    ended = torch.isin(want, torch.tensor(eos)).long().cumsum(1).roll(1, 1)  # after each row's first end token
+    ended[:, 0] = 0
+    assert torch.equal(got.masked_fill(ended > 0, 0), want.masked_fill(ended > 0, 0))  # HF pads after EOS its own way
+    assert sizes[0] == len(ids) and sizes[-1] < len(ids) * num_beams  # rows really left
+
+
+def _staggered_eos(model, ids, mask=None, prefix=None, rows=(1, 3)):
+    """End tokens from a greedy run: row i's token 2i + 2 for each of ``rows``, so that rows end at different steps."""
+    out = model.generate(ids, mask, prefix=prefix, max_new_tokens=12, eos_token_id=[])
+    start = 1 if model.geometry.is_encoder_decoder else ids.shape[1]
+    return sorted({int(out[i, start + 2 * i + 1]) for i in rows})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])  # the tiny BART ignores its input: all rows alike
+def test_pruned_batches_equal_each_row_alone(family):
+    model = _model(family)
+    torch.manual_seed(5)
+    model.add_prefix("B", PrefixConfig(num_virtual_tokens=3, init_std=2.0))
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15, 16, 17, 18]]
+    names = ["default", "B", "default", "B"]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    enc_dec = model.geometry.is_encoder_decoder
+    eos = _staggered_eos(model, ids, mask, names)
+    for beams in (1, 3):
+        # length_penalty=0: a beam row is final once K hypotheses ended (random models rarely get there otherwise)
+        kwargs = dict(max_new_tokens=10, num_beams=beams, eos_token_id=eos, pad_token_id=0, length_penalty=0.0)
+        batched = model.generate(ids, mask, prefix=names, **kwargs)
+        lengths = []
+        for i, row in enumerate(rows):
+            alone = model.generate(torch.tensor([row]), prefix=names[i], **kwargs)[0, (0 if enc_dec else len(row)) :]
+            lengths.append(len(alone))
+            assert torch.equal(batched[i, (0 if enc_dec else width) :][: len(alone)], alone), (family, beams, i)
+        assert len(set(lengths)) > 1, "rows should end at different steps for this test to mean anything"
