@@ -70,7 +70,14 @@ def gather_rows(tensors: dict[str, torch.Tensor], row_names: list[str]) -> tuple
         t = tensors[n]
         pad = p_max - t.shape[0]
         padded.append(torch.cat([t.new_zeros(pad, *t.shape[1:]), t]) if pad else t)  # (P_max, *shape)
-        masks.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(t.shape[0], dtype=torch.long)]))
+        masks.append(
+            torch.cat(
+                [
+                    torch.zeros(pad, dtype=torch.long, device=t.device),
+                    torch.ones(t.shape[0], dtype=torch.long, device=t.device),
+                ]
+            )
+        )
     index = torch.tensor([names.index(n) for n in row_names], device=first.device)
     rows = torch.stack(padded)[index]  # (B, P_max, *shape)
     mask = torch.stack(masks).to(first.device)[index]  # (B, P_max)

@@ -238,7 +238,9 @@ class PrefixTunedModel(nn.Module):
             out = {}
             for s in self.geometry.stacks:
                 z = torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, device=self.device, dtype=self.dtype)
-                out[s.name] = injection.StackPrefix([(z, z)] * s.num_layers, torch.zeros(batch, 0, dtype=torch.long))
+                out[s.name] = injection.StackPrefix(
+                    [(z, z)] * s.num_layers, torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+                )
             return out
         names = self.row_names(prefix, batch)
         unique = list(dict.fromkeys(names))

@@ -4,6 +4,10 @@ AdamW with a linear schedule and warmup, gradient accumulation and clipping; the
 target tokens only. Dev loss is measured every epoch and the best prefix is kept. Checkpoints
 (prefix + optimizer + schedule + data position) allow ``resume`` to continue a killed run and end
 with exactly the prefix an uninterrupted run would have.
+
+Under torchrun (see :mod:`prefixtune.distributed`) every process takes a strided share of each
+global batch; the loss is normalized by the global batch's target tokens, so N processes train the
+same prefix as one process with the same ``batch_size``. Only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
+from . import distributed
 from .base import load_base
 from .config import PrefixConfig
 from .data import Example, load_examples, subset
@@ -43,15 +48,17 @@ class TrainConfig:
         dev_size: Use at most this many dev examples (the first ones).
         epochs: Passes over the training data.
         max_steps: Stop after this many optimizer steps (overrides epochs).
-        batch_size: Examples per optimizer step.
+        batch_size: Examples per optimizer step, over all processes (the global batch).
         grad_accum: Split each batch into this many micro-batches (same result, less memory).
         lr: Peak learning rate.
         warmup_steps: Linear warmup steps, then linear decay to 0.
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient clipping norm (0 disables).
         seed: Seed of initialization and data order.
-        dtype: ``fp32`` or ``bf16`` for the frozen model.
-        device: ``cpu`` or ``cuda``.
+        dtype: ``auto``, ``fp32``, ``bf16`` or ``fp16`` for the frozen model (auto: bf16 on GPUs
+            that support it, else fp32). The prefix itself is always kept in fp32.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        fsdp: Shard the frozen base across processes with FSDP2 (under torchrun).
         checkpoint_every: Write a checkpoint every this many steps (and at each epoch end).
         truncate: Cut sources longer than the context instead of failing.
         resume: Continue from the run directory's last checkpoint.
@@ -78,8 +85,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 42
-    dtype: str = "fp32"
-    device: str = "cpu"
+    dtype: str = "auto"
+    device: str = "auto"
+    fsdp: bool = False
     checkpoint_every: int = 50
     truncate: bool = False
     resume: bool = False
@@ -98,8 +106,10 @@ class TrainConfig:
             raise PrefixTuneError(f"lr must be > 0, got {self.lr}")
         if self.grad_accum > self.batch_size:
             raise PrefixTuneError(f"grad_accum {self.grad_accum} exceeds batch_size {self.batch_size}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise PrefixTuneError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.dtype not in distributed.DTYPE_NAMES:
+            raise PrefixTuneError(f"dtype must be one of {', '.join(distributed.DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.device.split(":")[0] not in distributed.DEVICES:
+            raise PrefixTuneError(f"device must be one of {', '.join(distributed.DEVICES)}, got {self.device!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -145,25 +155,43 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def dev_loss(model: PrefixTunedModel, features, batch_size: int, pad_id: int) -> float:
-    """Mean cross-entropy per target token over ``features``."""
+def dev_loss(model: PrefixTunedModel, features, batch_size: int, pad_id: int, dist=None) -> float:
+    """Mean cross-entropy per target token over ``features`` (each process takes a share under torchrun)."""
+    dist = dist or distributed.Dist()
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(features), batch_size):
-        out = model(**_to(collate(features[i : i + batch_size], pad_id), model.device), loss_only=True)
-        total += float(out.loss) * out.num_target_tokens
-        count += out.num_target_tokens
+        mine = dist.shard(features[i : i + batch_size])
+        if mine:
+            out = model(**_to(collate(mine, pad_id), model.device), loss_only=True)
+            total += float(out.loss) * out.num_target_tokens
+            count += out.num_target_tokens
+    total, count = dist.sum([total, count], model.device)
     model.train()
     return total / max(count, 1)
 
 
-def _prepare_run_dir(cfg: TrainConfig) -> tuple[Path, dict | None]:
+def _prepare_run_dir(cfg: TrainConfig, dist) -> tuple[Path, dict | None]:
     run_dir = Path(cfg.output)
     state = ckpt.load_checkpoint(run_dir) if cfg.resume else None
     if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise PrefixTuneError(f"{run_dir}: output folder is not empty; pass --resume to continue it or pick another")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # every process has checked before the first one writes
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, state
+
+
+class _NoLog:
+    """What processes other than rank 0 log: nothing."""
+
+    records: list = []
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult:
@@ -177,14 +205,21 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
         A :class:`TrainResult`.
     """
     cfg = config or TrainConfig(**kwargs)
+    dist, device = distributed.init(cfg.device)
+    if cfg.fsdp and not dist.enabled:
+        raise PrefixTuneError("fsdp needs several processes: launch with torchrun or --nproc N")
+    dtype = distributed.resolve_dtype(cfg.dtype, device)
     train_examples, dev_examples = _load_splits(cfg)
     model_obj, tokenizer = base or load_base(
-        cfg.model, dtype=cfg.dtype, device=cfg.device, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None
+        cfg.model, dtype=dtype, device=device, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None
     )
     torch.manual_seed(cfg.seed)
     model = PrefixTunedModel.wrap(model_obj, cfg.prefix, tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.fsdp:
+        distributed.shard_base(model)
+    runner = distributed.wrap_ddp(model, model.device) if dist.enabled else model
     if cfg.model:
         model.base_name = cfg.model
     prefix = model.prefixes[model.active]
@@ -194,22 +229,28 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     train_features = [fmt.encode(e) for e in train_examples]
     dev_features = [fmt.encode(e) for e in dev_examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos
-    run_dir, state = _prepare_run_dir(cfg)  # only once the inputs are known to be good
+    run_dir, state = _prepare_run_dir(cfg, dist)  # only once the inputs are known to be good
 
     steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)  # fp16 needs loss scaling
     step, best, best_step = 0, None, None
     if state is not None:
         prefix.load_state_dict(state["prefix"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         step, best, best_step = state["step"], state["best_dev_loss"], state["best_step"]
-    write_json(run_dir / "train_config.json", cfg.to_dict())
-    log = ckpt.RunLog(run_dir, keep_until_step=step if state is not None else None)
+    if dist.is_main:
+        write_json(run_dir / "train_config.json", {**cfg.to_dict(), "world_size": dist.world_size})
+        log = ckpt.RunLog(run_dir, keep_until_step=step if state is not None else None)
+    else:
+        log = _NoLog()
     log.write(
         {
             "event": "start",
@@ -231,19 +272,22 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
             "seed": cfg.seed,
-            "dtype": cfg.dtype,
+            "dtype": dtype,
             "best_dev_loss": best,
             "best_step": best_step,
             "init_text": cfg.prefix.init_text,
         }
 
     def checkpoint() -> None:
+        if not dist.is_main:
+            return
         ckpt.save_checkpoint(
             run_dir,
             {
                 "prefix": prefix.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "step": step,
                 "best_dev_loss": best,
@@ -251,24 +295,25 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
             },
         )
 
-    bar = _progress(cfg.progress, total_steps, step)
+    bar = _progress(cfg.progress and dist.is_main, total_steps, step)
     model.train()
     loss_value, started, seen = float("nan"), time.perf_counter(), 0
-    micro = math.ceil(cfg.batch_size / cfg.grad_accum)
+    micro = math.ceil(math.ceil(cfg.batch_size / dist.world_size) / cfg.grad_accum)  # per process
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         for indices in _batches(len(train_features), cfg.batch_size, cfg.seed, epoch)[offset:]:
             batch = [train_features[i] for i in indices]
-            targets = sum(sum(t != -100 for t in f.labels) for f in batch)
+            targets = sum(sum(t != -100 for t in f.labels) for f in batch)  # of the global batch
             optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for j in range(0, len(batch), micro):
-                out = model(**_to(collate(batch[j : j + micro], pad_id), model.device), loss_only=True)
-                (out.loss * (out.num_target_tokens / targets)).backward()
-                loss_sum += float(out.loss.detach()) * out.num_target_tokens
+            mine = dist.shard(batch)  # fewer examples than processes: a zero-weight pass keeps DDP in step
+            weight = dist.world_size / targets if mine else 0.0
+            loss_sum = _accumulate(runner, model.device, mine or batch[:1], micro, weight, pad_id, scaler, dist.enabled)
+            loss_sum = dist.sum([loss_sum], model.device)[0]
             if cfg.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             loss_value = loss_sum / targets
@@ -292,11 +337,12 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
             if step % steps_per_epoch == 0 or step == total_steps:
                 if dev_features:
-                    loss_dev = dev_loss(model, dev_features, cfg.batch_size, pad_id)
+                    loss_dev = dev_loss(model, dev_features, cfg.batch_size, pad_id, dist)
                     log.write({"event": "dev", "step": step, "epoch": epoch, "dev_loss": loss_dev})
                     if best is None or loss_dev < best:
                         best, best_step = loss_dev, step
-                        model.save_prefix(run_dir, metadata=metadata())
+                        if dist.is_main:
+                            model.save_prefix(run_dir, metadata=metadata())
                 checkpoint()
             elif step % cfg.checkpoint_every == 0:
                 checkpoint()
@@ -304,12 +350,34 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
                 break
     if bar is not None:
         bar.close()
-    if not dev_features:
+    if not dev_features and dist.is_main:
         model.save_prefix(run_dir, metadata=metadata())
     log.write({"event": "end", "step": step, "loss": loss_value, "best_dev_loss": best, "best_step": best_step})
     log.close()
-    ckpt.plot_losses(run_dir, log.records)
+    if dist.is_main:
+        ckpt.plot_losses(run_dir, log.records)
+    dist.barrier()  # the run directory is complete for every process
     return TrainResult(run_dir, step, loss_value, best, model)
+
+
+def _accumulate(runner, device, mine: list, micro: int, weight: float, pad_id: int, scaler, ddp: bool) -> float:
+    """Forward and backward this process's share of a global batch, in micro-batches.
+
+    ``weight`` is world size ÷ the global batch's target tokens: each micro-batch's mean loss times
+    its target tokens times ``weight`` makes the gradient, once DDP has averaged it over processes,
+    exactly that of the mean loss over the global batch. DDP synchronizes once, after the last
+    micro-batch. Returns the sum of the per-token losses computed here (0 for a zero-weight pass).
+    """
+    from contextlib import nullcontext
+
+    loss_sum, starts = 0.0, range(0, len(mine), micro)
+    for j in starts:
+        sync = runner.no_sync() if ddp and j != starts[-1] else nullcontext()
+        with sync:
+            out = runner(**_to(collate(mine[j : j + micro], pad_id), device), loss_only=True)
+            scaler.scale(out.loss * (out.num_target_tokens * weight)).backward()
+        loss_sum += float(out.loss.detach()) * out.num_target_tokens * (weight > 0)
+    return loss_sum
 
 
 def _progress(enabled: bool, total: int, initial: int):
