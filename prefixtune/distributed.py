@@ -140,6 +140,11 @@ def shard_base(model) -> None:
     fully_shard(model.base)
 
 
+def local_numel(module) -> int:
+    """Parameters this process holds (its shards only, for FSDP-sharded modules)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """``prefixtune train --nproc N ...``: run the same command under torchrun with N processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

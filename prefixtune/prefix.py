@@ -116,6 +116,7 @@ class Prefix(nn.Module):
             shapes = {s.name: s.token_shape for s in geometry.stacks}
         else:
             shapes = {"embedding": (d,)}
+        self._projected = None  # (parameter versions, tensors): the MLP output cached for inference
         self.parts = nn.ModuleDict(
             {
                 name: PrefixParams(p, shape, d, config.reparameterize, config.mid_dim, config.init_std)
@@ -132,7 +133,16 @@ class Prefix(nn.Module):
         return self.config.mode
 
     def forward(self) -> dict[str, torch.Tensor]:
-        """Returns each part's tensor, with dropout while training."""
+        """Returns each part's tensor, with dropout while training.
+
+        Outside training and autograd (decoding, dev loss, serving) the MLP's output is computed once
+        and reused until a parameter changes (tracked by the tensors' version counters).
+        """
+        if not self.training and not torch.is_grad_enabled():
+            key = tuple((id(p), p._version, p.data_ptr()) for p in self.parameters())
+            if self._projected is None or self._projected[0] != key:
+                self._projected = (key, {name: part().detach() for name, part in self.parts.items()})
+            return dict(self._projected[1])
         out = {}
         for name, part in self.parts.items():
             value = part()

@@ -29,7 +29,7 @@ from .config import PrefixConfig
 from .data import Example, load_examples, subset
 from .errors import PrefixTuneError
 from .features import Formatter, collate, context_length
-from .files import write_json
+from .files import base_fingerprint, write_json
 from .model import PrefixTunedModel
 
 
@@ -162,8 +162,9 @@ def dev_loss(model: PrefixTunedModel, features, batch_size: int, pad_id: int, di
     total, count = 0.0, 0
     for i in range(0, len(features), batch_size):
         mine = dist.shard(features[i : i + batch_size])
+        # Every process runs every pass (FSDP's all-gathers are collective); a share-less one discards its pass.
+        out = model(**_to(collate(mine or features[i : i + 1], pad_id), model.device), loss_only=True)
         if mine:
-            out = model(**_to(collate(mine, pad_id), model.device), loss_only=True)
             total += float(out.loss) * out.num_target_tokens
             count += out.num_target_tokens
     total, count = dist.sum([total, count], model.device)
@@ -218,6 +219,7 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.fsdp:
+        base_fingerprint(model)  # computed once now: rank 0 alone could not read the sharded weights later
         distributed.shard_base(model)
     runner = distributed.wrap_ddp(model, model.device) if dist.enabled else model
     if cfg.model:
@@ -259,6 +261,8 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
             "dev_examples": len(dev_features),
             "total_steps": total_steps,
             "trainable_parameters": sum(p.numel() for p in params),
+            "world_size": dist.world_size,
+            "base_parameters_here": distributed.local_numel(model.base),  # ~1/N of the base under FSDP
             "resumed": state is not None,
         }
     )
@@ -305,9 +309,8 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
             batch = [train_features[i] for i in indices]
             targets = sum(sum(t != -100 for t in f.labels) for f in batch)  # of the global batch
             optimizer.zero_grad(set_to_none=True)
-            mine = dist.shard(batch)  # fewer examples than processes: a zero-weight pass keeps DDP in step
-            weight = dist.world_size / targets if mine else 0.0
-            loss_sum = _accumulate(runner, model.device, mine or batch[:1], micro, weight, pad_id, scaler, dist.enabled)
+            passes = _passes(batch, dist, micro, targets)
+            loss_sum = _accumulate(runner, model.device, passes, pad_id, scaler, dist.enabled)
             loss_sum = dist.sum([loss_sum], model.device)[0]
             if cfg.max_grad_norm > 0:
                 scaler.unscale_(optimizer)
@@ -360,23 +363,36 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     return TrainResult(run_dir, step, loss_value, best, model)
 
 
-def _accumulate(runner, device, mine: list, micro: int, weight: float, pad_id: int, scaler, ddp: bool) -> float:
-    """Forward and backward this process's share of a global batch, in micro-batches.
+def _passes(batch: list, dist, micro: int, targets: int) -> list[tuple[list, float]]:
+    """This process's micro-batches of a global batch, each with its loss weight.
 
-    ``weight`` is world size ÷ the global batch's target tokens: each micro-batch's mean loss times
-    its target tokens times ``weight`` makes the gradient, once DDP has averaged it over processes,
-    exactly that of the mean loss over the global batch. DDP synchronizes once, after the last
-    micro-batch. Returns the sum of the per-token losses computed here (0 for a zero-weight pass).
+    The weight is world size ÷ the global batch's target tokens: a micro-batch's mean loss times its
+    target tokens times the weight makes the gradient, once DDP has averaged it over processes,
+    exactly that of the mean loss over the global batch. Every process runs the same number of
+    passes (rank 0's share is the largest): a process with fewer examples adds zero-weight passes, so
+    that DDP's and FSDP's collectives stay in step.
+    """
+    mine = dist.shard(batch)
+    chunks = [(mine[j : j + micro], dist.world_size / targets) for j in range(0, len(mine), micro)]
+    most = math.ceil(math.ceil(len(batch) / dist.world_size) / micro)
+    return chunks + [(batch[:1], 0.0)] * (most - len(chunks))
+
+
+def _accumulate(runner, device, passes: list[tuple[list, float]], pad_id: int, scaler, ddp: bool) -> float:
+    """Forward and backward each weighted micro-batch; DDP synchronizes once, after the last one.
+
+    Returns the sum of the per-token losses of the real (non-zero-weight) passes.
     """
     from contextlib import nullcontext
 
-    loss_sum, starts = 0.0, range(0, len(mine), micro)
-    for j in starts:
-        sync = runner.no_sync() if ddp and j != starts[-1] else nullcontext()
+    loss_sum = 0.0
+    for j, (features, weight) in enumerate(passes):
+        sync = runner.no_sync() if ddp and j != len(passes) - 1 else nullcontext()
         with sync:
-            out = runner(**_to(collate(mine[j : j + micro], pad_id), device), loss_only=True)
+            out = runner(**_to(collate(features, pad_id), device), loss_only=True)
             scaler.scale(out.loss * (out.num_target_tokens * weight)).backward()
-        loss_sum += float(out.loss.detach()) * out.num_target_tokens * (weight > 0)
+        if weight > 0:
+            loss_sum += float(out.loss.detach()) * out.num_target_tokens
     return loss_sum
 
 

@@ -309,3 +309,28 @@ def test_gradient_checkpointing_recomputes_layers_in_backward():
     assert len(calls) == 2  # the MLP ran in the forward pass and again when backward recomputed the layer
     with pytest.raises(PrefixTuneError, match="decoder-only"):
         PrefixTunedModel.wrap(tiny_model("t5"), PrefixConfig(num_virtual_tokens=2)).gradient_checkpointing_enable()
+
+
+def test_projected_prefix_is_cached_for_inference_and_refreshed_after_updates():
+    torch.manual_seed(0)
+    model = PrefixTunedModel.wrap(tiny_model("llama"), PrefixConfig(num_virtual_tokens=3, mid_dim=16))
+    prefix = model.prefixes["default"]
+    calls = []
+    prefix.parts["decoder"].mlp.register_forward_hook(lambda *a: calls.append(1))
+    model.eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        first = model(ids).logits
+        again = model(ids).logits
+    assert len(calls) == 1 and torch.equal(first, again)  # the MLP ran once for two passes
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    model.train()
+    model(ids, labels=ids).loss.backward()  # training passes always recompute (with gradients)
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not torch.allclose(after, first)  # the update is seen
+    with torch.no_grad():
+        expected = prefix.parts["decoder"]()
+    torch.testing.assert_close(prefix()["decoder"], expected, atol=0, rtol=0)

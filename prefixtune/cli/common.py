@@ -61,3 +61,22 @@ def decoding_options(args, base: dict) -> dict:
     options["min_new_tokens"] = args.min_new_tokens
     options["no_repeat_ngram_size"] = args.no_repeat_ngram_size
     return options
+
+
+def add_device(p) -> None:
+    """``--device`` and ``--dtype`` with automatic choices."""
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = cuda when available, else cpu)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="dtype of the frozen model (default: auto = bf16 on GPUs that support it, else fp32)",
+    )
+
+
+def device_and_dtype(args) -> tuple[str, str]:
+    """The resolved ``--device`` and ``--dtype``: e.g. ("cuda:0", "bf16") or ("cpu", "fp32")."""
+    from ..distributed import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return str(device), resolve_dtype(args.dtype, device)

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..data import SPLITS, TASKS
 from ..errors import PrefixTuneError
 from ..presets import PRESETS
-from .common import add_decoding, cache_dir, data_path, decoding_options, positive
+from .common import add_decoding, add_device, cache_dir, data_path, decoding_options, device_and_dtype, positive
 
 
 def add_parsers(sub) -> None:
@@ -34,10 +34,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
     p.add_argument("--truncate", action="store_true", help="cut sources longer than the context instead of failing")
-    p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the frozen model (default: fp32)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_decoding(p.add_argument_group("decoding"), "the preset's, else greedy with 64 new tokens")
     p.set_defaults(func=run)
@@ -63,7 +60,8 @@ def run(args) -> int:
     from ..presets import decoding_for
 
     texts = sources(args)
-    model, tokenizer, name = load_for_inference(args.prefix, args.model, args.dtype, args.device, cache_dir())
+    device, dtype = device_and_dtype(args)
+    model, tokenizer, name = load_for_inference(args.prefix, args.model, dtype, device, cache_dir())
     base = decoding_for(args.task, args.preset) if args.preset else {"num_beams": 1, "max_new_tokens": 64}
     options = decoding_options(args, base)
     options.update(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import cache_dir, positive
+from .common import add_device, cache_dir, device_and_dtype, positive
 
 
 def add_parsers(sub) -> None:
@@ -30,8 +30,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive(int), default=512, help="largest max_new_tokens (default: 512)")
     p.add_argument("--max-body-bytes", type=positive(int), default=1_000_000, help="largest body (default: 1 MB)")
     p.add_argument("--request-timeout", type=positive(float), default=120.0, help="seconds per request (default: 120)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the model (default: fp32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device(p)
     p.set_defaults(func=run)
 
 
@@ -50,7 +49,8 @@ def run(args) -> int:
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
     )
-    base, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device, cache_dir=cache_dir())
+    device, dtype = device_and_dtype(args)
+    base, tokenizer = load_base(args.model, dtype=dtype, device=device, cache_dir=cache_dir())
     model = PrefixTunedModel(base, tokenizer)
     model.base_name = args.model or DEFAULT_MODEL
     app = create_app(model, tokenizer, args.prefixes, settings)

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from ..data import TASKS
+from ..errors import PrefixTuneError
 from ..presets import PRESETS, get_preset
-from .common import add_decoding, cache_dir, data_path, decoding_options, positive
+from .common import add_decoding, add_device, cache_dir, data_path, decoding_options, positive
 
 # Built-in defaults, used when neither a flag nor the preset sets a value.
 DEFAULTS = {"lr": 5e-5, "epochs": 5, "batch_size": 8, "mid_dim": 512, "num_virtual_tokens": None, "init_text": None}
@@ -55,10 +56,20 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 disables (default: 1.0)")
     s.add_argument("--seed", type=int, default=42, help="seed of initialization and data order (default: 42)")
     s.add_argument("--checkpoint-every", type=positive(int), default=50, help="checkpoint every N steps (default: 50)")
-    s.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the frozen model (default: fp32)"
+    add_device(s)
+    d = p.add_argument_group("multi-process (PyTorch distributed)")
+    d.add_argument(
+        "--nproc",
+        type=positive(int),
+        default=1,
+        help="train with N processes on this machine: runs this command under torchrun --nproc_per_node N "
+        "(DDP; gloo on CPU, NCCL on GPU). --batch-size stays the global batch (default: 1)",
     )
-    s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    d.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="also shard the frozen base across the processes with FSDP2 fully_shard (bases larger than one device)",
+    )
     s.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -104,10 +115,17 @@ def resolve(args) -> dict:
 
 
 def run(args) -> int:
+    import os
+
+    from .. import distributed
     from ..config import PrefixConfig
     from ..presets import decoding_for
     from ..training import TrainConfig, train
 
+    if args.fsdp and args.eval:
+        raise PrefixTuneError("--eval is not available with --fsdp: decode afterwards with prefixtune generate")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return distributed.launch(args.nproc, distributed.without_option(args.argv, "--nproc"))
     v = resolve(args)
     prefix = PrefixConfig(
         num_virtual_tokens=v["num_virtual_tokens"],
@@ -145,8 +163,14 @@ def run(args) -> int:
         cache_dir=cache_dir(),
         prefix=prefix,
         gradient_checkpointing=args.gradient_checkpointing,
+        fsdp=args.fsdp,
     )
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    finally:
+        distributed.shutdown()
+    if distributed.from_env().rank != 0:
+        return 0  # rank 0 reports and evaluates
     best = f", best dev loss {result.best_dev_loss:.4f}" if result.best_dev_loss is not None else ""
     print(
         f"trained {result.steps} steps, final loss {result.final_loss:.4f}{best}; prefix in {result.output}",
