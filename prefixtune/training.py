@@ -65,6 +65,7 @@ class TrainConfig:
         progress: Show a progress bar.
         cache_dir: Where the converted default model is cached (default ~/.cache/prefixtune).
         gradient_checkpointing: Recompute layers in the backward pass to save memory.
+        group_by_length: Batch examples of similar length together: less padding, faster steps.
         prefix: The prefix to train.
     """
 
@@ -94,6 +95,7 @@ class TrainConfig:
     progress: bool = False
     cache_dir: str | None = None
     gradient_checkpointing: bool = False
+    group_by_length: bool = False
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
 
     def __post_init__(self) -> None:
@@ -144,10 +146,22 @@ def _load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
     return train, dev[: cfg.dev_size] if cfg.dev_size else dev
 
 
-def _batches(num: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's shuffled batches of example indices, fixed by (seed, epoch)."""
+def batches(num: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """The epoch's shuffled batches of example indices, fixed by (seed, epoch).
+
+    With ``lengths``, examples of similar length share a batch (less padding): the shuffled order is
+    cut into windows of 50 batches, each window is sorted by length and cut into batches, and the
+    batches are shuffled again.
+    """
     order = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, num, batch_size)]
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, num, batch_size)]
+    window, out = 50 * batch_size, []
+    for i in range(0, num, window):
+        chunk = sorted(order[i : i + window], key=lambda j: lengths[j])
+        out += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    shuffle = torch.randperm(len(out), generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 50_000))
+    return [out[k] for k in shuffle.tolist()]
 
 
 def _to(batch: dict, device) -> dict:
@@ -234,6 +248,11 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     run_dir, state = _prepare_run_dir(cfg, dist)  # only once the inputs are known to be good
 
     steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
+    lengths = (
+        [len(f.input_ids) + (len(f.labels) if f.decoder else 0) for f in train_features]
+        if cfg.group_by_length
+        else None
+    )
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -305,7 +324,7 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     micro = math.ceil(math.ceil(cfg.batch_size / dist.world_size) / cfg.grad_accum)  # per process
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        for indices in _batches(len(train_features), cfg.batch_size, cfg.seed, epoch)[offset:]:
+        for indices in batches(len(train_features), cfg.batch_size, cfg.seed, epoch, lengths)[offset:]:
             batch = [train_features[i] for i in indices]
             targets = sum(sum(t != -100 for t in f.labels) for f in batch)  # of the global batch
             optimizer.zero_grad(set_to_none=True)

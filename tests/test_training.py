@@ -158,3 +158,24 @@ def test_gradient_checkpointing_trains_the_same_prefix(tmp_path):
         result = train(_cfg(tmp_path, f"gc{flag}", dev_size=2, epochs=1, gradient_checkpointing=flag), base=_base())
         prefixes.append(load_file(str(Path(result.output) / "prefix.safetensors"))["decoder"])
     torch.testing.assert_close(prefixes[0], prefixes[1], atol=1e-5, rtol=0)
+
+
+def test_group_by_length_batches_cut_padding_and_cover_every_example():
+    from prefixtune.training import batches
+
+    lengths = [int(x) for x in torch.randint(5, 90, (1000,), generator=torch.Generator().manual_seed(0))]
+
+    def padding(groups):
+        return sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g) for g in groups)
+
+    plain = batches(1000, 8, seed=1, epoch=0)
+    grouped = batches(1000, 8, seed=1, epoch=0, lengths=lengths)
+    assert sorted(i for g in grouped for i in g) == list(range(1000))
+    assert len(grouped) == len(plain) and padding(grouped) < 0.2 * padding(plain)
+    assert grouped != batches(1000, 8, seed=1, epoch=1, lengths=lengths)  # a new order every epoch
+    assert grouped == batches(1000, 8, seed=1, epoch=0, lengths=lengths)  # reproducible (resume)
+
+
+def test_group_by_length_trains(tmp_path):
+    result = train(_cfg(tmp_path, group_by_length=True, epochs=1), base=_base())
+    assert result.steps == 4 and (tmp_path / "run" / "prefix.safetensors").is_file()

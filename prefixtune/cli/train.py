@@ -75,6 +75,11 @@ def add_parsers(sub) -> None:
         action="store_true",
         help="recompute layers in the backward pass: less memory, ~30%% more compute (decoder-only)",
     )
+    s.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batch examples of similar length together: less padding, faster steps (changes the data order)",
+    )
     s.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     x = p.add_argument_group("prefix")
     x.add_argument(
@@ -164,6 +169,7 @@ def run(args) -> int:
         prefix=prefix,
         gradient_checkpointing=args.gradient_checkpointing,
         fsdp=args.fsdp,
+        group_by_length=args.group_by_length,
     )
     try:
         result = train(cfg)

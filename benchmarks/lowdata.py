@@ -1,0 +1,311 @@
+"""The paper's low-data experiment (Li & Liang 2021, §6.3), side by side on one model.
+
+For each E2E training size (50, 100, 200, 500) and subset seed, three systems train on the same
+examples with the same budget (the lowdata preset: batch 10, lr 5e-5, 200 steps for ≤ 200
+examples and 400 for 500; dev loss after every epoch selects the checkpoint):
+- prefixtune prefix-tuning (init "table-to-text:", MLP reparameterization);
+- PEFT prefix-tuning (``PrefixTuningConfig``, MLP projection, the same steps and lr; decoded by
+  prefixtune after ``import_peft``, which gives PEFT's own logits: PEFT 0.21's ``generate`` drops
+  the prefix, see bench_generate.py);
+- full fine-tuning of the same model (lr 5e-5).
+Each selected model decodes the first ``--test-limit`` unique E2E test MRs with beam 5 and is
+scored with the official E2E metrics. Runs are cached one JSON per run under the output folder, so
+the script can be stopped and restarted; finished runs are skipped. Writes results.md (table),
+bleu_vs_size.png and prints one JSON line last.
+
+    python benchmarks/lowdata.py [--sizes 50,100,200,500] [--subsets 0,1] [--systems prefixtune,peft,full]
+
+Needs `pip install -e ".[bench]"` and Java (METEOR). On this 2-core CPU one run of 200 steps takes
+~15-35 minutes; a GPU (``--device cuda``) takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "e2e"
+INIT = "table-to-text:"
+
+
+def _data(args, size, subset_seed):
+    from prefixtune.data import load_examples, subset
+
+    train = subset(load_examples("e2e", args.data, "train"), size, subset_seed)
+    dev = load_examples("e2e", args.data, "dev")[: args.dev_size]
+    return train, dev
+
+
+def _steps(size: int) -> int:
+    from prefixtune.presets import PRESETS
+
+    return PRESETS["lowdata"].max_steps_for(size)
+
+
+def run_prefixtune(args, size, subset_seed, out: Path):
+    from prefixtune import PrefixConfig
+    from prefixtune.training import TrainConfig, train
+
+    result = train(
+        TrainConfig(
+            output=str(out / "run"),
+            data=args.data,
+            task="e2e",
+            model=args.model,
+            train_size=size,
+            subset_seed=subset_seed,
+            dev_size=args.dev_size,
+            max_steps=_steps(size),
+            batch_size=10,
+            lr=5e-5,
+            seed=args.seed,
+            device=args.device,
+            prefix=PrefixConfig(init_text=INIT, mid_dim=512),
+        )
+    )
+    model = result.model
+    model.load_prefix(out / "run", name="best")
+    return model, model.tokenizer, "best", result.best_dev_loss
+
+
+def _loop(args, model, forward, params, train, dev, size, tokenizer, fmt):
+    """The same loop for PEFT and full fine-tuning: AdamW, batch 10, dev loss per epoch, best state kept."""
+    from prefixtune.features import collate
+    from prefixtune.training import batches
+
+    pad = tokenizer.pad_token_id
+    train_f, dev_f = [fmt.encode(e) for e in train], [fmt.encode(e) for e in dev]
+    steps, per_epoch = _steps(size), math.ceil(len(train_f) / 10)
+    opt = torch.optim.AdamW(params, lr=5e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+    best, best_state, step, epoch = None, None, 0, 0
+    device = next(model.parameters()).device
+
+    def loss_of(features):
+        b = {k: v.to(device) for k, v in collate(features, pad).items()}
+        logits = forward(b).float()
+        labels = b["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    while step < steps:
+        for group in batches(len(train_f), 10, args.seed, epoch):
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            loss_of([train_f[i] for i in group]).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % per_epoch == 0 or step == steps:
+                model.eval()
+                with torch.no_grad():
+                    total = sum(
+                        float(loss_of(dev_f[i : i + 10])) * len(dev_f[i : i + 10]) for i in range(0, len(dev_f), 10)
+                    )
+                dev_loss = total / len(dev_f)
+                if best is None or dev_loss < best:
+                    best = dev_loss
+                    best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            if step >= steps:
+                break
+        epoch += 1
+    model.load_state_dict(best_state, strict=False)
+    return best
+
+
+def run_peft(args, size, subset_seed, out: Path):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefixtune import PrefixTunedModel, load_base
+    from prefixtune.features import Formatter, context_length
+    from prefixtune.interop import import_peft
+
+    base, tok = load_base(args.model, device=args.device)
+    train, dev = _data(args, size, subset_seed)
+    torch.manual_seed(args.seed)
+    p = len(tok(INIT, add_special_tokens=False)["input_ids"])
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=p, prefix_projection=True, encoder_hidden_size=512
+    )
+    peft_model = get_peft_model(base, config)
+    fmt = Formatter(tok, False, context_length(base.config), p)
+    params = [q for q in peft_model.parameters() if q.requires_grad]
+    best = _loop(
+        args,
+        peft_model,
+        lambda b: peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+        params,
+        train,
+        dev,
+        size,
+        tok,
+        fmt,
+    )
+    peft_model.save_pretrained(out / "peft")
+    model = PrefixTunedModel(peft_model.get_base_model(), tok)
+    import_peft(model, out / "peft", name="best")
+    return model, tok, "best", best
+
+
+def run_full(args, size, subset_seed, out: Path):
+    from prefixtune import load_base
+    from prefixtune.features import Formatter, context_length
+
+    base, tok = load_base(args.model, device=args.device)
+    train, dev = _data(args, size, subset_seed)
+    torch.manual_seed(args.seed)
+    fmt = Formatter(tok, False, context_length(base.config), 0)
+    params = list(base.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    best = _loop(
+        args,
+        base,
+        lambda b: base(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+        params,
+        train,
+        dev,
+        size,
+        tok,
+        fmt,
+    )
+    for q in params:
+        q.requires_grad_(False)
+    return base.eval(), tok, None, best
+
+
+def _hf_decode(base, tok, sources: list[str]) -> list[str]:
+    """Beam-5 decoding of a fine-tuned model (no prefix) with Hugging Face generate, batches of 10."""
+    from prefixtune.features import Formatter, context_length, left_pad
+
+    fmt = Formatter(tok, False, context_length(base.config), 0)
+    prompts = [fmt.source_ids(s) for s in sources]
+    out = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for k in range(0, len(order), 10):
+        chunk = order[k : k + 10]
+        ids, mask = left_pad([prompts[i] for i in chunk], tok.pad_token_id)
+        with torch.no_grad():
+            gen = base.generate(
+                input_ids=ids.to(base.device),
+                attention_mask=mask.to(base.device),
+                num_beams=5,
+                max_new_tokens=100,
+                do_sample=False,
+                eos_token_id=fmt.eos,
+                pad_token_id=tok.pad_token_id,
+            )
+        for row, i in enumerate(chunk):
+            out[i] = tok.decode(gen[row, ids.shape[1] :].tolist(), skip_special_tokens=True).strip()
+    return out
+
+
+SYSTEMS = {"prefixtune": run_prefixtune, "peft": run_peft, "full": run_full}
+
+
+def one_run(args, system, size, subset_seed, out: Path) -> dict:
+    from prefixtune.data import group_references, load_examples
+    from prefixtune.decode import decode_texts
+    from prefixtune.metrics import evaluate
+
+    start = time.perf_counter()
+    model, tok, name, dev_loss = SYSTEMS[system](args, size, subset_seed, out)
+    trained = time.perf_counter() - start
+    groups = group_references(load_examples("e2e", args.data, "test"))[: args.test_limit]
+    sources = [s for s, _ in groups]
+    if name is None:  # full fine-tuning: no prefix
+        predictions = _hf_decode(model, tok, sources)
+    else:
+        options = {"num_beams": 5, "max_new_tokens": 100}
+        predictions = decode_texts(model, tok, sources, prefix=name, batch_size=10, options=options)
+    scores = evaluate("e2e", [refs for _, refs in groups], predictions)
+    (out / "test_predictions.txt").write_text("".join(p + "\n" for p in predictions))
+    return {
+        "system": system,
+        "size": size,
+        "subset": subset_seed,
+        "best_dev_loss": dev_loss,
+        "train_seconds": trained,
+        "decode_seconds": time.perf_counter() - start - trained,
+        "test_mrs": len(sources),
+        **scores,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--sizes", default="50,100,200,500")
+    ap.add_argument("--subsets", default="0,1", help="subset seeds (default: 0,1)")
+    ap.add_argument("--systems", default="prefixtune,peft,full")
+    ap.add_argument("--dev-size", type=int, default=200, help="dev examples for selection (default: 200)")
+    ap.add_argument("--test-limit", type=int, default=630, help="unique test MRs decoded (default: all 630)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--output", default=str(HERE / "results" / "lowdata"))
+    args = ap.parse_args()
+    root = Path(args.output)
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for size in map(int, args.sizes.split(",")):
+        for subset_seed in map(int, args.subsets.split(",")):
+            for system in args.systems.split(","):
+                file = root / f"{system}-{size}-{subset_seed}.json"
+                if not file.is_file():
+                    with tempfile.TemporaryDirectory() as tmp:
+                        record = one_run(args, system, size, subset_seed, Path(tmp))
+                        (root / f"{system}-{size}-{subset_seed}.txt").write_text(
+                            (Path(tmp) / "test_predictions.txt").read_text()
+                        )
+                    file.write_text(json.dumps(record, indent=2) + "\n")
+                    print(json.dumps(record), flush=True)
+                results.append(json.loads(file.read_text()))
+    summary = _report(root, results)
+    print(json.dumps(summary))
+
+
+def _report(root: Path, results: list[dict]) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = {}
+    for r in results:
+        table.setdefault((r["system"], r["size"]), []).append(r)
+    rows = [
+        "| system | train size | subsets | BLEU | NIST | METEOR | ROUGE-L | CIDEr |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    means = {}
+    for (system, size), rs in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        m = {k: sum(r[k] for r in rs) / len(rs) for k in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")}
+        means[(system, size)] = m
+        rows.append(
+            f"| {system} | {size} | {len(rs)} | {100 * m['BLEU']:.1f} | {m['NIST']:.2f} | {100 * m['METEOR']:.1f} | "
+            f"{100 * m['ROUGE_L']:.1f} | {m['CIDEr']:.2f} |"
+        )
+    (root / "results.md").write_text("# Low-data E2E (test BLEU etc., mean over subsets)\n\n" + "\n".join(rows) + "\n")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for system in sorted({s for s, _ in means}):
+        points = sorted((size, m["BLEU"] * 100) for (s, size), m in means.items() if s == system)
+        ax.plot(*zip(*points), "o-", label=system)
+    ax.set_xscale("log")
+    ax.set_xlabel("E2E training examples")
+    ax.set_ylabel("test BLEU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(root / "bleu_vs_size.png", dpi=120)
+    return {"benchmark": "lowdata", **{f"{s}_{size}_bleu": round(m["BLEU"] * 100, 2) for (s, size), m in means.items()}}
+
+
+if __name__ == "__main__":
+    main()
