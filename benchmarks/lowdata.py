@@ -43,10 +43,13 @@ def _data(args, size, subset_seed):
     return train, dev
 
 
+MAX_STEPS: int | None = None  # --max-steps: a smoke-test override of the preset's budget
+
+
 def _steps(size: int) -> int:
     from prefixtune.presets import PRESETS
 
-    return PRESETS["lowdata"].max_steps_for(size)
+    return MAX_STEPS or PRESETS["lowdata"].max_steps_for(size)
 
 
 def run_prefixtune(args, size, subset_seed, out: Path):
@@ -250,8 +253,11 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=630, help="unique test MRs decoded (default: all 630)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-steps", type=int, default=None, help="override the preset's steps (smoke tests only)")
     ap.add_argument("--output", default=str(HERE / "results" / "lowdata"))
     args = ap.parse_args()
+    global MAX_STEPS
+    MAX_STEPS = args.max_steps
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     results = []
@@ -287,16 +293,16 @@ def _report(root: Path, results: list[dict]) -> dict:
     ]
     means = {}
     for (system, size), rs in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        m = {k: sum(r[k] for r in rs) / len(rs) for k in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")}
+        m = {k: sum(r[k] for r in rs) / len(rs) for k in ("bleu", "nist", "meteor", "rouge_l", "cider")}
         means[(system, size)] = m
         rows.append(
-            f"| {system} | {size} | {len(rs)} | {100 * m['BLEU']:.1f} | {m['NIST']:.2f} | {100 * m['METEOR']:.1f} | "
-            f"{100 * m['ROUGE_L']:.1f} | {m['CIDEr']:.2f} |"
+            f"| {system} | {size} | {len(rs)} | {100 * m['bleu']:.1f} | {m['nist']:.2f} | {100 * m['meteor']:.1f} | "
+            f"{100 * m['rouge_l']:.1f} | {m['cider']:.2f} |"
         )
     (root / "results.md").write_text("# Low-data E2E (test BLEU etc., mean over subsets)\n\n" + "\n".join(rows) + "\n")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for system in sorted({s for s, _ in means}):
-        points = sorted((size, m["BLEU"] * 100) for (s, size), m in means.items() if s == system)
+        points = sorted((size, m["bleu"] * 100) for (s, size), m in means.items() if s == system)
         ax.plot(*zip(*points), "o-", label=system)
     ax.set_xscale("log")
     ax.set_xlabel("E2E training examples")
@@ -304,7 +310,7 @@ def _report(root: Path, results: list[dict]) -> dict:
     ax.legend()
     fig.tight_layout()
     fig.savefig(root / "bleu_vs_size.png", dpi=120)
-    return {"benchmark": "lowdata", **{f"{s}_{size}_bleu": round(m["BLEU"] * 100, 2) for (s, size), m in means.items()}}
+    return {"benchmark": "lowdata", **{f"{s}_{size}_bleu": round(m["bleu"] * 100, 2) for (s, size), m in means.items()}}
 
 
 if __name__ == "__main__":

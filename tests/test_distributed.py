@@ -175,3 +175,23 @@ def test_shards_and_relaunch_arguments():
     assert sorted(sum(shares, [])) == batch and [len(s) for s in shares] == [3, 2, 2]
     assert without_option(["train", "--nproc", "2", "--lr", "1"], "--nproc") == ["train", "--lr", "1"]
     assert without_option(["train", "--nproc=2"], "--nproc") == ["train"]
+
+
+def test_ddp_registers_only_the_prefix(tmp_path):
+    """The frozen base is neither broadcast nor synchronized: DDP holds the prefix parameters only."""
+    import torch.distributed as dist
+    from tiny import tiny_model
+
+    from prefixtune import PrefixConfig, PrefixTunedModel
+    from prefixtune.distributed import wrap_ddp
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = PrefixTunedModel.wrap(tiny_model("llama"), PrefixConfig(num_virtual_tokens=2, mid_dim=8))
+        ddp = wrap_ddp(model, torch.device("cpu"))
+        synced = {id(p) for p in ddp._module_parameters}
+        assert synced == {id(p) for p in model.trainable_parameters()}
+        assert all(f"base.{n}" in ddp.parameters_to_ignore for n, _ in model.base.named_parameters())
+    finally:
+        dist.destroy_process_group()
