@@ -179,3 +179,16 @@ def test_group_by_length_batches_cut_padding_and_cover_every_example():
 def test_group_by_length_trains(tmp_path):
     result = train(_cfg(tmp_path, group_by_length=True, epochs=1), base=_base())
     assert result.steps == 4 and (tmp_path / "run" / "prefix.safetensors").is_file()
+
+
+def test_bf16_base_reaches_the_fp32_loss(tmp_path):
+    """bf16 is honest: a bf16 base trains the (fp32) prefix to the same dev loss as fp32, within noise."""
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base, tok = _base()
+        result = train(_cfg(tmp_path, name=str(dtype), epochs=3, train_size=48, dev_size=16), base=(base.to(dtype), tok))
+        assert all(p.dtype == torch.float32 for p in result.model.trainable_parameters())
+        losses[dtype] = result.best_dev_loss
+    first = [r["dev_loss"] for r in read_log(tmp_path / str(torch.float32)) if r["event"] == "dev"][0]
+    assert losses[torch.float32] < first  # it learned something
+    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=0.02)
