@@ -116,7 +116,7 @@ def wrap_ddp(model, device: torch.device):
     frozen = [f"base.{n}" for n, _ in model.base.named_parameters()]
     frozen += [f"base.{n}" for n, _ in model.base.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # base buffers are ignored too
 
 
 def shard_base(model) -> None:

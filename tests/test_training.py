@@ -186,7 +186,9 @@ def test_bf16_base_reaches_the_fp32_loss(tmp_path):
     losses = {}
     for dtype in (torch.float32, torch.bfloat16):
         base, tok = _base()
-        result = train(_cfg(tmp_path, name=str(dtype), epochs=3, train_size=48, dev_size=16), base=(base.to(dtype), tok))
+        result = train(
+            _cfg(tmp_path, name=str(dtype), epochs=3, train_size=48, dev_size=16), base=(base.to(dtype), tok)
+        )
         assert all(p.dtype == torch.float32 for p in result.model.trainable_parameters())
         losses[dtype] = result.best_dev_loss
     first = [r["dev_loss"] for r in read_log(tmp_path / str(torch.float32)) if r["event"] == "dev"][0]
