@@ -55,24 +55,7 @@ def _batches(features, batch_size, pad_id):
     return [collate(features[i : i + batch_size], pad_id) for i in range(0, len(features), batch_size)]
 
 
-def run_prefixtune(args) -> dict:
-    from prefixtune import PrefixConfig, PrefixTunedModel
-
-    base, tokenizer, features = _features(args)
-    torch.manual_seed(0)
-    model = PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=args.prefix_len, mid_dim=512))
-    model.train()
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr)
-    return _timed(
-        args,
-        _batches(features, args.batch_size, tokenizer.pad_token_id),
-        lambda b: model(**b, loss_only=True).loss,
-        opt,
-    )
-
-
-def run_prefixtune_grouped(args) -> dict:
-    """prefixtune on the same examples, batched by similar length (``--group-by-length``): less padding."""
+def run_prefixtune(args, group_by_length: bool = False) -> dict:
     from prefixtune import PrefixConfig, PrefixTunedModel
     from prefixtune.features import collate
     from prefixtune.training import batches
@@ -82,9 +65,15 @@ def run_prefixtune_grouped(args) -> dict:
     model = PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=args.prefix_len, mid_dim=512))
     model.train()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr)
-    groups = batches(len(features), args.batch_size, 0, 0, [len(f.input_ids) for f in features])
-    grouped = [collate([features[i] for i in g], tokenizer.pad_token_id) for g in groups]
-    return _timed(args, grouped, lambda b: model(**b, loss_only=True).loss, opt)
+    timed = _batches(features, args.batch_size, tokenizer.pad_token_id)
+    if group_by_length:  # the same examples, batched by similar length (``--group-by-length``): less padding
+        groups = batches(len(features), args.batch_size, 0, 0, [len(f.input_ids) for f in features])
+        timed = [collate([features[i] for i in g], tokenizer.pad_token_id) for g in groups]
+    return _timed(args, timed, lambda b: model(**b, loss_only=True).loss, opt)
+
+
+def run_prefixtune_grouped(args) -> dict:
+    return run_prefixtune(args, group_by_length=True)
 
 
 def run_peft(args) -> dict:

@@ -111,6 +111,16 @@ def save_prefix(model, path, name: str, metadata: dict | None = None) -> None:
     write_json(path / CONFIG, document)
 
 
+def read_json(file: Path) -> dict:
+    """A JSON object from ``file``; a clear error if it is missing or not valid JSON."""
+    if not file.is_file():
+        raise PrefixTuneError(f"{file}: missing")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PrefixTuneError(f"{file}: corrupted or truncated JSON ({e})") from None
+
+
 def read_prefix_config(path) -> dict:
     """Read and check ``prefix_config.json`` of a prefix folder."""
     path = Path(path)
@@ -119,10 +129,7 @@ def read_prefix_config(path) -> dict:
         raise PrefixTuneError(f"{path}: not a prefix folder (expected a directory with {CONFIG} and {WEIGHTS})")
     if not file.is_file():
         raise PrefixTuneError(f"{file}: missing; not a prefix folder")
-    try:
-        document = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PrefixTuneError(f"{file}: corrupted or truncated JSON ({e})") from None
+    document = read_json(file)
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise PrefixTuneError(f"{file}: not a prefixtune prefix config (format field is not {FORMAT!r})")
     for field in ("base_model", "geometry", "parts", "prefix_config", "num_virtual_tokens"):

@@ -17,13 +17,12 @@ Not convertible:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .errors import PrefixTuneError
-from .files import CONFIG, atomic_write, read_prefix_config, read_prefix_tensors, write_json
+from .files import CONFIG, atomic_write, read_json, read_prefix_config, read_prefix_tensors, write_json
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -42,10 +41,9 @@ def read_peft(path) -> tuple[dict, torch.Tensor]:
     file = path / PEFT_CONFIG
     if not file.is_file():
         raise PrefixTuneError(f"{file}: missing; not a PEFT checkpoint folder")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PrefixTuneError(f"{file}: corrupted JSON ({e})") from None
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise PrefixTuneError(f"{file}: not a JSON object")
     if config.get("peft_type") != "PREFIX_TUNING":
         raise PrefixTuneError(f"{file}: peft_type is {config.get('peft_type')!r}; only 'PREFIX_TUNING' converts")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
