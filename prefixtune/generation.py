@@ -130,7 +130,12 @@ def concat_states(states: list[DecodeState], cache_config) -> DecodeState:
 
 
 def trim_state(state: DecodeState) -> None:
-    """Drop leading positions that no row attends to (after rows have left the batch)."""
+    """Drop leading positions that no row attends to (after rows have left the batch).
+
+    Decoder-only only: encoder-decoder rows all start decoding together, so there is no padding to drop.
+    """
+    if state.encoder_hidden is not None:
+        return
     used = state.mask.any(dim=0).nonzero()
     start = int(used[0]) if len(used) else state.mask.shape[1]
     if start == 0:
@@ -289,8 +294,7 @@ def _sample(model, state, logits, prompt, opts, eos, pad, generator) -> torch.Te
             keep = going.nonzero()[:, 0]
             alive, seqs, tokens = alive[keep], seqs[keep], tokens[keep]
             state.select(keep)
-            if state.encoder_hidden is None:
-                trim_state(state)
+            trim_state(state)
         logits = step(model, state, tokens)
     return out[:, :width]
 
@@ -371,7 +375,7 @@ def _beam_search(model, state, logits, prompt, opts, eos, pad) -> torch.Tensor:
             break
         # Rows whose best K can no longer change leave the batch (Hugging Face keeps computing them).
         going = improvable[:, 0] & ~(opts.early_stopping & is_finished.all(dim=1))  # (B',)
-        kept = going.nonzero()[:, 0] if not going.all() else torch.arange(len(going), device=device)
+        kept = going.nonzero()[:, 0]
         if len(kept) < len(going):
             done = (~going).nonzero()[:, 0]
             out_seqs[alive[done]], out_len[alive[done]] = finished_seqs[done, 0], finished_len[done, 0]
@@ -382,7 +386,7 @@ def _beam_search(model, state, logits, prompt, opts, eos, pad) -> torch.Tensor:
             rows = torch.arange(batch, device=device)[:, None]
         reorder = (beam_source + kept[:, None] * k).view(-1)  # (B'*K,) beams of the kept rows
         state.select(reorder)
-        if state.encoder_hidden is None and len(kept) < len(going):
+        if len(kept) < len(going):
             trim_state(state)
         logits = step(model, state, running[:, :, cur - 1].reshape(-1))
     out_seqs[alive], out_len[alive] = finished_seqs[:, 0], finished_len[:, 0]
