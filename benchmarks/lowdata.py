@@ -70,6 +70,7 @@ def run_prefixtune(args, size, subset_seed, out: Path):
             lr=5e-5,
             seed=args.seed,
             device=args.device,
+            dtype=args.dtype,
             prefix=PrefixConfig(init_text=INIT, mid_dim=512),
         )
     )
@@ -123,14 +124,22 @@ def _loop(args, model, forward, params, train, dev, size, tokenizer, fmt):
     return best
 
 
+def _base(args):
+    from prefixtune import load_base
+    from prefixtune.distributed import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return load_base(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+
+
 def run_peft(args, size, subset_seed, out: Path):
     from peft import PrefixTuningConfig, get_peft_model
 
-    from prefixtune import PrefixTunedModel, load_base
+    from prefixtune import PrefixTunedModel
     from prefixtune.features import Formatter, context_length
     from prefixtune.interop import import_peft
 
-    base, tok = load_base(args.model, device=args.device)
+    base, tok = _base(args)
     train, dev = _data(args, size, subset_seed)
     torch.manual_seed(args.seed)
     p = len(tok(INIT, add_special_tokens=False)["input_ids"])
@@ -158,10 +167,9 @@ def run_peft(args, size, subset_seed, out: Path):
 
 
 def run_full(args, size, subset_seed, out: Path):
-    from prefixtune import load_base
     from prefixtune.features import Formatter, context_length
 
-    base, tok = load_base(args.model, device=args.device)
+    base, tok = _base(args)
     train, dev = _data(args, size, subset_seed)
     torch.manual_seed(args.seed)
     fmt = Formatter(tok, False, context_length(base.config), 0)
@@ -184,16 +192,16 @@ def run_full(args, size, subset_seed, out: Path):
     return base.eval(), tok, None, best
 
 
-def _hf_decode(base, tok, sources: list[str]) -> list[str]:
-    """Beam-5 decoding of a fine-tuned model (no prefix) with Hugging Face generate, batches of 10."""
+def _hf_decode(base, tok, sources: list[str], batch_size: int) -> list[str]:
+    """Beam-5 decoding of a fine-tuned model (no prefix) with Hugging Face generate."""
     from prefixtune.features import Formatter, context_length, left_pad
 
     fmt = Formatter(tok, False, context_length(base.config), 0)
     prompts = [fmt.source_ids(s) for s in sources]
     out = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for k in range(0, len(order), 10):
-        chunk = order[k : k + 10]
+    for k in range(0, len(order), batch_size):
+        chunk = order[k : k + batch_size]
         ids, mask = left_pad([prompts[i] for i in chunk], tok.pad_token_id)
         with torch.no_grad():
             gen = base.generate(
@@ -213,22 +221,33 @@ def _hf_decode(base, tok, sources: list[str]) -> list[str]:
 SYSTEMS = {"prefixtune": run_prefixtune, "peft": run_peft, "full": run_full}
 
 
-def one_run(args, system, size, subset_seed, out: Path) -> dict:
+def _test_groups(args):
     from prefixtune.data import group_references, load_examples
-    from prefixtune.decode import decode_texts
+
+    return group_references(load_examples("e2e", args.data, "test"))[: args.test_limit]
+
+
+def _score(args, predictions: list[str]) -> dict:
     from prefixtune.metrics import evaluate
+
+    return evaluate("e2e", [refs for _, refs in _test_groups(args)], predictions)
+
+
+def one_run(args, system, size, subset_seed, out: Path) -> dict:
+    from prefixtune.decode import decode_texts
 
     start = time.perf_counter()
     model, tok, name, dev_loss = SYSTEMS[system](args, size, subset_seed, out)
     trained = time.perf_counter() - start
-    groups = group_references(load_examples("e2e", args.data, "test"))[: args.test_limit]
-    sources = [s for s, _ in groups]
+    sources = [s for s, _ in _test_groups(args)]
     if name is None:  # full fine-tuning: no prefix
-        predictions = _hf_decode(model, tok, sources)
+        predictions = _hf_decode(model, tok, sources, args.decode_batch)
     else:
         options = {"num_beams": 5, "max_new_tokens": 100}
-        predictions = decode_texts(model, tok, sources, prefix=name, batch_size=10, options=options)
-    scores = evaluate("e2e", [refs for _, refs in groups], predictions)
+        predictions = decode_texts(model, tok, sources, prefix=name, batch_size=args.decode_batch, options=options)
+    scores = _score(args, predictions) if args.score else {}
+    # one line per input, as the official scorers read them (a model may emit newlines)
+    predictions = [p.replace("\n", " ") for p in predictions]
     (out / "test_predictions.txt").write_text("".join(p + "\n" for p in predictions))
     return {
         "system": system,
@@ -238,8 +257,16 @@ def one_run(args, system, size, subset_seed, out: Path) -> dict:
         "train_seconds": trained,
         "decode_seconds": time.perf_counter() - start - trained,
         "test_mrs": len(sources),
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
         **scores,
     }
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -253,8 +280,17 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=630, help="unique test MRs decoded (default: all 630)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="fp32", help="the frozen model's dtype (default: fp32, as on the CPU runs)")
+    ap.add_argument("--decode-batch", type=int, default=10, help="test inputs decoded together (default: 10)")
+    ap.add_argument(
+        "--no-score",
+        dest="score",
+        action="store_false",
+        help="only decode (e.g. on a GPU machine without Java); a later run scores the saved predictions",
+    )
     ap.add_argument("--max-steps", type=int, default=None, help="override the preset's steps (smoke tests only)")
     ap.add_argument("--output", default=str(HERE / "results" / "lowdata"))
+    ap.add_argument("--report", action="store_true", help="train nothing: score saved runs, write the table and plot")
     args = ap.parse_args()
     global MAX_STEPS
     MAX_STEPS = args.max_steps
@@ -265,52 +301,94 @@ def main() -> None:
         for subset_seed in map(int, args.subsets.split(",")):
             for system in args.systems.split(","):
                 file = root / f"{system}-{size}-{subset_seed}.json"
-                if not file.is_file():
+                if not file.is_file() and not args.report:
                     with tempfile.TemporaryDirectory() as tmp:
                         record = one_run(args, system, size, subset_seed, Path(tmp))
-                        (root / f"{system}-{size}-{subset_seed}.txt").write_text(
-                            (Path(tmp) / "test_predictions.txt").read_text()
-                        )
-                    file.write_text(json.dumps(record, indent=2) + "\n")
+                        predictions = (Path(tmp) / "test_predictions.txt").read_text()
+                    _write(root / f"{system}-{size}-{subset_seed}.txt", predictions)
+                    _write(file, json.dumps(record, indent=2) + "\n")
                     print(json.dumps(record), flush=True)
-                results.append(json.loads(file.read_text()))
-    summary = _report(root, results)
+                if not file.is_file():
+                    continue
+                record = json.loads(file.read_text())
+                if "bleu" not in record and args.score:  # decoded elsewhere with --no-score
+                    predictions = (root / f"{system}-{size}-{subset_seed}.txt").read_text().splitlines()
+                    record.update(_score(args, predictions))
+                    _write(file, json.dumps(record, indent=2) + "\n")
+                if "bleu" in record:
+                    results.append(record)
+    if not results:
+        return
+    summary = _report(root, results, args.systems.split(","))
     print(json.dumps(summary))
 
 
-def _report(root: Path, results: list[dict]) -> dict:
+METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+
+
+def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
+    """results.md (every run, then means over the subsets every system finished) and the BLEU plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = {}
-    for r in results:
-        table.setdefault((r["system"], r["size"]), []).append(r)
+    runs = {(r["system"], r["size"], r["subset"]): r for r in results}
+    cells = sorted({(size, subset) for _, size, subset in runs})
     rows = [
-        "| system | train size | subsets | BLEU | NIST | METEOR | ROUGE-L | CIDEr |",
-        "|---|---|---|---|---|---|---|---|",
+        "## Every run: test BLEU (device of the run)",
+        "",
+        "| train size | subset | " + " | ".join(systems) + " |",
+        "|---|---|" + "---|" * len(systems),
+    ]
+    for size, subset in cells:
+        entries = [runs.get((s, size, subset)) for s in systems]
+        text = [f"{100 * r['bleu']:.1f} ({r.get('device', 'cpu').split(':')[0]})" if r else "–" for r in entries]
+        rows.append(f"| {size} | {subset} | " + " | ".join(text) + " |")
+    # means only over the (size, subset) cells that every system finished: like against like
+    complete = [(size, subset) for size, subset in cells if all((s, size, subset) in runs for s in systems)]
+    rows += [
+        "",
+        "## Means over the subsets that every system finished",
+        "",
+        "| system | train size | subsets | BLEU | NIST | METEOR | ROUGE-L | CIDEr | best dev loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     means = {}
-    for (system, size), rs in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        m = {k: sum(r[k] for r in rs) / len(rs) for k in ("bleu", "nist", "meteor", "rouge_l", "cider")}
-        means[(system, size)] = m
-        rows.append(
-            f"| {system} | {size} | {len(rs)} | {100 * m['bleu']:.1f} | {m['nist']:.2f} | {100 * m['meteor']:.1f} | "
-            f"{100 * m['rouge_l']:.1f} | {m['cider']:.2f} |"
-        )
-    (root / "results.md").write_text("# Low-data E2E (test BLEU etc., mean over subsets)\n\n" + "\n".join(rows) + "\n")
+    for system in systems:
+        for size in sorted({size for size, _ in complete}):
+            rs = [runs[(system, size, subset)] for sz, subset in complete if sz == size]
+            m = {k: sum(r[k] for r in rs) / len(rs) for k in (*METRICS, "best_dev_loss")}
+            means[(system, size)] = m
+            rows.append(
+                f"| {system} | {size} | {len(rs)} | {100 * m['bleu']:.1f} | {m['nist']:.2f} | "
+                f"{100 * m['meteor']:.1f} | {100 * m['rouge_l']:.1f} | {m['cider']:.2f} | {m['best_dev_loss']:.3f} |"
+            )
+    title = "# Low-data E2E: test scores of the dev-selected model (benchmarks/lowdata.py)\n\n"
+    _write(root / "results.md", title + "\n".join(rows) + "\n")
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for system in sorted({s for s, _ in means}):
+    for k, system in enumerate(systems):
+        color = f"C{k}"
         points = sorted((size, m["bleu"] * 100) for (s, size), m in means.items() if s == system)
-        ax.plot(*zip(*points), "o-", label=system)
+        if points:
+            ax.plot(*zip(*points), "o-", color=color, label=system)
+        singles = [(size, 100 * r["bleu"]) for (s, size, _), r in runs.items() if s == system]
+        if singles:
+            ax.scatter(*zip(*singles), s=12, alpha=0.5, color=color, label=None if points else system)
     ax.set_xscale("log")
     ax.set_xlabel("E2E training examples")
     ax.set_ylabel("test BLEU")
+    ax.set_title("lines: mean over complete subsets; dots: runs", fontsize=8)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(root / "bleu_vs_size.png", dpi=120)
-    return {"benchmark": "lowdata", **{f"{s}_{size}_bleu": round(m["bleu"] * 100, 2) for (s, size), m in means.items()}}
+    tmp = root / "bleu_vs_size.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(root / "bleu_vs_size.png")
+    return {
+        "benchmark": "lowdata",
+        "runs": len(runs),
+        **{f"{s}_{size}_bleu": round(m["bleu"] * 100, 2) for (s, size), m in means.items()},
+    }
 
 
 if __name__ == "__main__":
