@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from cli_args import train_args
 from paths import E2E
 from safetensors.torch import load_file
 from tiny import save_tiny_model_dir
@@ -47,28 +48,7 @@ def other_model_dir(tmp_path_factory):
 def run_dir(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
     code = main(
-        [
-            "train",
-            "--model",
-            model_dir,
-            "--task",
-            "e2e",
-            "--data",
-            str(E2E),
-            "--train-size",
-            "8",
-            "--dev-size",
-            "4",
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "4",
-            "--init-text",
-            "table-to-text:",
-            "--no-progress",
-            "--output",
-            str(out),
-        ]
+        train_args(model_dir, out, train_size=8, dev_size=4, max_steps=3, batch_size=4, init_text="table-to-text:")
     )
     assert code == 0
     return out

@@ -4,12 +4,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from paths import E2E
+from cli_args import train_command
 from safetensors.torch import load_file
 from tiny import save_tiny_model_dir
 
@@ -25,40 +24,20 @@ def model_dir(tmp_path_factory):
 
 
 def _train(model_dir, output, *extra, train_size=60, batch_size=6):
-    return [
-        sys.executable,
-        "-m",
-        "prefixtune",
-        "train",
-        "--model",
+    return train_command(
         model_dir,
-        "--task",
-        "e2e",
-        "--data",
-        str(E2E),
-        "--train-size",
-        str(train_size),
-        "--dev-size",
-        "7",
-        "--epochs",
-        "2",
-        "--batch-size",
-        str(batch_size),
-        "--lr",
-        "1e-2",
-        "--checkpoint-every",
-        "4",
-        "--num-virtual-tokens",
-        "4",
-        "--mid-dim",
-        "32",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--output",
-        str(output),
+        output,
         *extra,
-    ]
+        train_size=train_size,
+        dev_size=7,
+        epochs=2,
+        batch_size=batch_size,
+        lr="1e-2",
+        checkpoint_every=4,
+        num_virtual_tokens=4,
+        mid_dim=32,
+        device="cpu",
+    )
 
 
 def _run(cmd):

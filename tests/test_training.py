@@ -4,12 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_args import train_command
 from paths import E2E
 from safetensors.torch import load_file
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
@@ -90,38 +90,19 @@ def model_dir(tmp_path_factory):
 
 
 def _cli_train(model_dir, output, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "prefixtune",
-        "train",
-        "--model",
+    return train_command(
         model_dir,
-        "--task",
-        "e2e",
-        "--data",
-        str(E2E),
-        "--train-size",
-        "600",
-        "--dev-size",
-        "8",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-2",
-        "--checkpoint-every",
-        "25",
-        "--num-virtual-tokens",
-        "4",
-        "--mid-dim",
-        "32",
-        "--no-progress",
-        "--output",
-        str(output),
+        output,
         *extra,
-    ]
+        train_size=600,
+        dev_size=8,
+        epochs=2,
+        batch_size=2,
+        lr="1e-2",
+        checkpoint_every=25,
+        num_virtual_tokens=4,
+        mid_dim=32,
+    )
 
 
 def _steps(run):
