@@ -25,6 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from . import checkpoint as ckpt
 from . import distributed
 from .base import load_base
+from .compiling import compile_layers, uncompile_layers
 from .config import PrefixConfig
 from .data import Example, load_examples, subset
 from .errors import PrefixTuneError
@@ -66,6 +67,7 @@ class TrainConfig:
         cache_dir: Where the converted default model is cached (default ~/.cache/prefixtune).
         gradient_checkpointing: Recompute layers in the backward pass to save memory.
         group_by_length: Batch examples of similar length together: less padding, faster steps.
+        compile: Compile each layer of the frozen base with ``torch.compile`` (one-off cost first).
         prefix: The prefix to train.
     """
 
@@ -96,6 +98,7 @@ class TrainConfig:
     cache_dir: str | None = None
     gradient_checkpointing: bool = False
     group_by_length: bool = False
+    compile: bool = False
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
 
     def __post_init__(self) -> None:
@@ -110,6 +113,9 @@ class TrainConfig:
             raise PrefixTuneError(f"grad_accum {self.grad_accum} exceeds batch_size {self.batch_size}")
         if self.dtype not in distributed.DTYPE_NAMES:
             raise PrefixTuneError(f"dtype must be one of {', '.join(distributed.DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.compile and (self.fsdp or self.gradient_checkpointing):
+            other = "fsdp" if self.fsdp else "gradient_checkpointing"
+            raise PrefixTuneError(f"compile cannot be combined with {other} yet; drop one of the two")
         if self.device.split(":")[0] not in distributed.DEVICES:
             raise PrefixTuneError(f"device must be one of {', '.join(distributed.DEVICES)}, got {self.device!r}")
 
@@ -232,6 +238,8 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     model = PrefixTunedModel.wrap(model_obj, cfg.prefix, tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.compile:
+        compile_layers(model)
     if cfg.fsdp:
         base_fingerprint(model)  # computed once now: rank 0 alone could not read the sharded weights later
         distributed.shard_base(model)
@@ -379,6 +387,8 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     if dist.is_main:
         ckpt.plot_losses(run_dir, log.records)
     dist.barrier()  # the run directory is complete for every process
+    if cfg.compile:
+        uncompile_layers(model)
     return TrainResult(run_dir, step, loss_value, best, model)
 
 

@@ -28,6 +28,7 @@ TRAIN_FLAGS = [
     "--seed",
     "--num-virtual-tokens",
     "--init-text",
+    "--compile",
     "--mode",
     "--no-reparameterize",
     "--mid-dim",
