@@ -376,6 +376,9 @@ def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
         if singles:
             ax.scatter(*zip(*singles), s=12, alpha=0.5, color=color, label=None if points else system)
     ax.set_xscale("log")
+    sizes = sorted({size for _, size, _ in runs})
+    ax.set_xticks(sizes, [str(size) for size in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("E2E training examples")
     ax.set_ylabel("test BLEU")
     ax.set_title("lines: mean over complete subsets; dots: runs", fontsize=8)
