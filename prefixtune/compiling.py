@@ -14,7 +14,8 @@ import torch
 from .errors import PrefixTuneError
 
 
-def _layers(model) -> list[torch.nn.Module]:
+def transformer_layers(model) -> list[torch.nn.Module]:
+    """The base's transformer blocks (encoder and decoder), as transformers marks them."""
     from transformers.modeling_layers import GradientCheckpointingLayer  # every transformers block
 
     return [m for m in model.base.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -27,7 +28,7 @@ def compile_layers(model) -> int:
     is its own specialization (its layer index is a constant), so dynamo's recompile limit is
     raised to cover them all.
     """
-    layers = _layers(model)
+    layers = transformer_layers(model)
     if not layers:
         raise PrefixTuneError(f"--compile: found no transformer layers in {type(model.base).__name__}")
     import torch._dynamo
@@ -44,5 +45,5 @@ def compile_layers(model) -> int:
 
 def uncompile_layers(model) -> None:
     """Back to eager layers (after training: decoding with growing caches would recompile)."""
-    for layer in _layers(model):
+    for layer in transformer_layers(model):
         layer._compiled_call_impl = None  # what nn.Module.compile set

@@ -127,11 +127,12 @@ def shard_base(model) -> None:
     synchronized by DDP as usual.
     """
     from torch.distributed.fsdp import fully_shard
-    from transformers.modeling_layers import GradientCheckpointingLayer  # every transformers decoder layer
+
+    from .compiling import transformer_layers
 
     if model.geometry.is_encoder_decoder:
         raise PrefixTuneError("--fsdp supports decoder-only models")
-    layers = [m for m in model.base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = transformer_layers(model)
     if not layers:
         raise PrefixTuneError(f"--fsdp: found no decoder layers to shard in {type(model.base).__name__}")
     for layer in layers:
