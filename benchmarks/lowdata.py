@@ -233,7 +233,8 @@ def _score(args, predictions: list[str]) -> dict:
     return evaluate("e2e", [refs for _, refs in _test_groups(args)], predictions)
 
 
-def one_run(args, system, size, subset_seed, out: Path) -> dict:
+def one_run(args, system, size, subset_seed, out: Path) -> tuple[dict, str]:
+    """Train, select, decode (and score): the run's record and its predictions, one line per test MR."""
     from prefixtune.decode import decode_texts
 
     start = time.perf_counter()
@@ -246,10 +247,7 @@ def one_run(args, system, size, subset_seed, out: Path) -> dict:
         options = {"num_beams": 5, "max_new_tokens": 100}
         predictions = decode_texts(model, tok, sources, prefix=name, batch_size=args.decode_batch, options=options)
     scores = _score(args, predictions) if args.score else {}
-    # one line per input, as the official scorers read them (a model may emit newlines)
-    predictions = [p.replace("\n", " ") for p in predictions]
-    (out / "test_predictions.txt").write_text("".join(p + "\n" for p in predictions))
-    return {
+    record = {
         "system": system,
         "size": size,
         "subset": subset_seed,
@@ -261,12 +259,14 @@ def one_run(args, system, size, subset_seed, out: Path) -> dict:
         "dtype": str(model.dtype).removeprefix("torch."),
         **scores,
     }
+    # one line per input, as the official scorers read them (a model may emit newlines)
+    return record, "".join(p.replace("\n", " ") + "\n" for p in predictions)
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from prefixtune.files import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def main() -> None:
@@ -303,8 +303,7 @@ def main() -> None:
                 file = root / f"{system}-{size}-{subset_seed}.json"
                 if not file.is_file() and not args.report:
                     with tempfile.TemporaryDirectory() as tmp:
-                        record = one_run(args, system, size, subset_seed, Path(tmp))
-                        predictions = (Path(tmp) / "test_predictions.txt").read_text()
+                        record, predictions = one_run(args, system, size, subset_seed, Path(tmp))
                     _write(root / f"{system}-{size}-{subset_seed}.txt", predictions)
                     _write(file, json.dumps(record, indent=2) + "\n")
                     print(json.dumps(record), flush=True)
@@ -384,9 +383,9 @@ def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
     ax.set_title("lines: mean over complete subsets; dots: runs", fontsize=8)
     ax.legend()
     fig.tight_layout()
-    tmp = root / "bleu_vs_size.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(root / "bleu_vs_size.png")
+    from prefixtune.files import atomic_write
+
+    atomic_write(root / "bleu_vs_size.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return {
         "benchmark": "lowdata",
         "runs": len(runs),
