@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "e2e"
@@ -91,6 +92,7 @@ def _loop(args, model, forward, params, train, dev, size, tokenizer, fmt):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     best, best_state, step, epoch = None, None, 0, 0
     device = next(model.parameters()).device
+    bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
 
     def loss_of(features):
         b = {k: v.to(device) for k, v in collate(features, pad).items()}
@@ -107,6 +109,7 @@ def _loop(args, model, forward, params, train, dev, size, tokenizer, fmt):
             opt.step()
             sched.step()
             step += 1
+            bar.update(1)
             if step % per_epoch == 0 or step == steps:
                 model.eval()
                 with torch.no_grad():
@@ -117,9 +120,11 @@ def _loop(args, model, forward, params, train, dev, size, tokenizer, fmt):
                 if best is None or dev_loss < best:
                     best = dev_loss
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                bar.set_postfix(dev_loss=f"{dev_loss:.3f}", best=f"{best:.3f}")
             if step >= steps:
                 break
         epoch += 1
+    bar.close()
     model.load_state_dict(best_state, strict=False)
     return best
 
@@ -200,6 +205,7 @@ def _hf_decode(base, tok, sources: list[str], batch_size: int) -> list[str]:
     prompts = [fmt.source_ids(s) for s in sources]
     out = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    bar = tqdm(total=len(prompts), desc="generate", unit="input", dynamic_ncols=True)
     for k in range(0, len(order), batch_size):
         chunk = order[k : k + batch_size]
         ids, mask = left_pad([prompts[i] for i in chunk], tok.pad_token_id)
@@ -215,6 +221,8 @@ def _hf_decode(base, tok, sources: list[str], batch_size: int) -> list[str]:
             )
         for row, i in enumerate(chunk):
             out[i] = tok.decode(gen[row, ids.shape[1] :].tolist(), skip_special_tokens=True).strip()
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 
@@ -233,8 +241,8 @@ def _score(args, predictions: list[str]) -> dict:
     return evaluate("e2e", [refs for _, refs in _test_groups(args)], predictions)
 
 
-def one_run(args, system, size, subset_seed, out: Path) -> tuple[dict, str]:
-    """Train, select, decode (and score): the run's record and its predictions, one line per test MR."""
+def one_run(args, system, size, subset_seed, out: Path) -> tuple[dict, list[str]]:
+    """Train, select, decode (and score): the run's record and its predictions, one per test MR."""
     from prefixtune.decode import decode_texts
 
     start = time.perf_counter()
@@ -259,17 +267,12 @@ def one_run(args, system, size, subset_seed, out: Path) -> tuple[dict, str]:
         "dtype": str(model.dtype).removeprefix("torch."),
         **scores,
     }
-    # one line per input, as the official scorers read them (a model may emit newlines)
-    return record, "".join(p.replace("\n", " ") + "\n" for p in predictions)
-
-
-def _write(path: Path, text: str) -> None:
-    from prefixtune.files import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return record, predictions
 
 
 def main() -> None:
+    from prefixtune.files import write_json, write_lines
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--data", default=str(DATA))
@@ -304,8 +307,8 @@ def main() -> None:
                 if not file.is_file() and not args.report:
                     with tempfile.TemporaryDirectory() as tmp:
                         record, predictions = one_run(args, system, size, subset_seed, Path(tmp))
-                    _write(root / f"{system}-{size}-{subset_seed}.txt", predictions)
-                    _write(file, json.dumps(record, indent=2) + "\n")
+                    write_lines(root / f"{system}-{size}-{subset_seed}.txt", predictions)
+                    write_json(file, record)
                     print(json.dumps(record), flush=True)
                 if not file.is_file():
                     continue
@@ -313,7 +316,7 @@ def main() -> None:
                 if "bleu" not in record and args.score:  # decoded elsewhere with --no-score
                     predictions = (root / f"{system}-{size}-{subset_seed}.txt").read_text().splitlines()
                     record.update(_score(args, predictions))
-                    _write(file, json.dumps(record, indent=2) + "\n")
+                    write_json(file, record)
                 if "bleu" in record:
                     results.append(record)
     if not results:
@@ -328,6 +331,8 @@ METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
     """results.md (every run, then means over the subsets every system finished) and the BLEU plot."""
     import matplotlib
+
+    from prefixtune.files import atomic_write
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -364,7 +369,8 @@ def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
                 f"{100 * m['meteor']:.1f} | {100 * m['rouge_l']:.1f} | {m['cider']:.2f} | {m['best_dev_loss']:.3f} |"
             )
     title = "# Low-data E2E: test scores of the dev-selected model (benchmarks/lowdata.py)\n\n"
-    _write(root / "results.md", title + "\n".join(rows) + "\n")
+    text = title + "\n".join(rows) + "\n"
+    atomic_write(root / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for k, system in enumerate(systems):
         color = f"C{k}"
@@ -383,8 +389,6 @@ def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
     ax.set_title("lines: mean over complete subsets; dots: runs", fontsize=8)
     ax.legend()
     fig.tight_layout()
-    from prefixtune.files import atomic_write
-
     atomic_write(root / "bleu_vs_size.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return {
         "benchmark": "lowdata",

@@ -80,6 +80,18 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def lines_text(texts) -> str:
+    """One text per line: every line break inside a text (``\\n``, ``\\r``, U+2028, ...: whatever
+    ``str.splitlines`` splits on) becomes a space, so line i is text i for every reader."""
+    return "".join(" ".join(t.splitlines()) + "\n" for t in texts)
+
+
+def write_lines(path: Path, texts) -> None:
+    """:func:`lines_text` of ``texts``, written atomically as UTF-8."""
+    text = lines_text(texts)
+    atomic_write(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+
+
 def write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 

@@ -7,7 +7,7 @@ import torch
 from tiny import ALL, tiny_model
 
 from prefixtune import PrefixConfig, PrefixTunedModel, PrefixTuneError
-from prefixtune.files import CONFIG, WEIGHTS, fingerprint
+from prefixtune.files import CONFIG, WEIGHTS, fingerprint, write_lines
 
 
 def _trained(family, mode="kv"):
@@ -102,3 +102,10 @@ def test_corrupted_files_give_clear_errors(damage, tmp_path):
 def test_not_a_prefix_folder(tmp_path):
     with pytest.raises(PrefixTuneError, match="not a prefix folder"):
         PrefixTunedModel(tiny_model("gpt2")).load_prefix(tmp_path / "nothing")
+
+
+def test_prediction_files_keep_one_line_per_text_whatever_breaks_a_model_emits(tmp_path):
+    texts = ["a\nb", "c\r\nd", "e\u2028f", "g\x1eh\x0bi", "", "Café"]
+    write_lines(tmp_path / "pred.txt", texts)
+    lines = (tmp_path / "pred.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == ["a b", "c d", "e f", "g h i", "", "Café"]

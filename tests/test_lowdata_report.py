@@ -42,3 +42,29 @@ def test_means_are_like_against_like(tmp_path):
     assert "| prefixtune | 100 |" not in table  # 100 has no complete subset
     assert (tmp_path / "bleu_vs_size.png").stat().st_size > 1000
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_runs_end_to_end_and_resumes(tmp_path):
+    """A smoke run on a tiny model: each system trains, selects, decodes; finished runs are not redone."""
+    import json
+    import subprocess
+    import sys
+
+    from paths import E2E
+    from tiny import save_tiny_model_dir
+
+    model = save_tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "out"
+    systems = "prefixtune,full" + (",peft" if importlib.util.find_spec("peft") else "")
+    command = [sys.executable, str(BENCH), "--model", model, "--data", str(E2E), "--sizes", "50", "--subsets", "0"]
+    command += ["--systems", systems, "--max-steps", "6", "--dev-size", "4", "--test-limit", "3", "--decode-batch", "2"]
+    command += ["--no-score", "--output", str(out)]
+    first = subprocess.run(command, capture_output=True, text=True, check=True)
+    for system in systems.split(","):
+        record = json.loads((out / f"{system}-50-0.json").read_text())
+        assert (record["system"], record["size"], record["subset"], record["test_mrs"]) == (system, 50, 0, 3)
+        assert record["best_dev_loss"] > 0 and "bleu" not in record  # --no-score: decoded, not scored
+        assert len((out / f"{system}-50-0.txt").read_text().splitlines()) == 3
+    assert first.stdout.count('"system"') == len(systems.split(","))
+    again = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert '"system"' not in again.stdout  # every run cached: nothing retrained

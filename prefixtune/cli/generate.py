@@ -56,7 +56,7 @@ def sources(args) -> list[str]:
 
 def run(args) -> int:
     from ..decode import decode_texts, load_for_inference
-    from ..files import atomic_write
+    from ..files import lines_text, write_lines
     from ..presets import decoding_for
 
     texts = sources(args)
@@ -76,9 +76,8 @@ def run(args) -> int:
         truncate=args.truncate,
         progress=not args.no_progress,
     )
-    text = "".join(o.replace("\n", " ") + "\n" for o in outputs)
     if args.output:
-        atomic_write(Path(args.output), lambda p: p.write_text(text, encoding="utf-8"))
+        write_lines(Path(args.output), outputs)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(lines_text(outputs))
     return 0

@@ -199,7 +199,7 @@ def run(args) -> int:
 def evaluate_run(result, task: str, data: str, options: dict, args) -> dict:
     """Decode dev with the run's saved (best) prefix; write metrics.json and dev_predictions.txt."""
     from ..evaluation import evaluate_model
-    from ..files import atomic_write, write_json
+    from ..files import write_json, write_lines
 
     model = result.model
     model.load_prefix(result.output, name="saved")
@@ -217,7 +217,7 @@ def evaluate_run(result, task: str, data: str, options: dict, args) -> dict:
         progress=not args.no_progress,
     )
     run_dir = Path(result.output)
-    atomic_write(run_dir / "dev_predictions.txt", lambda p: p.write_text("".join(x + "\n" for x in predictions)))
+    write_lines(run_dir / "dev_predictions.txt", predictions)
     report = {"task": task, "split": "dev", "sources": len(predictions), "decoding": options, **metrics}
     write_json(run_dir / "metrics.json", report)
     return report
