@@ -80,11 +80,13 @@ def run_prefixtune(args, size, subset_seed, out: Path):
     return model, model.tokenizer, "best", result.best_dev_loss
 
 
-def _loop(args, model, forward, params, train, dev, size, tokenizer, fmt):
+def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int):
     """The same loop for PEFT and full fine-tuning: AdamW, batch 10, dev loss per epoch, best state kept."""
-    from prefixtune.features import collate
+    from prefixtune.features import Formatter, collate, context_length
     from prefixtune.training import batches
 
+    train, dev = _data(args, size, subset_seed)
+    fmt = Formatter(tokenizer, False, context_length(model.config), virtual_tokens)
     pad = tokenizer.pad_token_id
     train_f, dev_f = [fmt.encode(e) for e in train], [fmt.encode(e) for e in dev]
     steps, per_epoch = _steps(size), math.ceil(len(train_f) / 10)
@@ -96,7 +98,7 @@ def _loop(args, model, forward, params, train, dev, size, tokenizer, fmt):
 
     def loss_of(features):
         b = {k: v.to(device) for k, v in collate(features, pad).items()}
-        logits = forward(b).float()
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         labels = b["labels"][:, 1:]
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
@@ -141,30 +143,17 @@ def run_peft(args, size, subset_seed, out: Path):
     from peft import PrefixTuningConfig, get_peft_model
 
     from prefixtune import PrefixTunedModel
-    from prefixtune.features import Formatter, context_length
     from prefixtune.interop import import_peft
 
     base, tok = _base(args)
-    train, dev = _data(args, size, subset_seed)
     torch.manual_seed(args.seed)
     p = len(tok(INIT, add_special_tokens=False)["input_ids"])
     config = PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=p, prefix_projection=True, encoder_hidden_size=512
     )
     peft_model = get_peft_model(base, config)
-    fmt = Formatter(tok, False, context_length(base.config), p)
     params = [q for q in peft_model.parameters() if q.requires_grad]
-    best = _loop(
-        args,
-        peft_model,
-        lambda b: peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-        params,
-        train,
-        dev,
-        size,
-        tok,
-        fmt,
-    )
+    best = _loop(args, peft_model, params, size, subset_seed, tok, p)
     peft_model.save_pretrained(out / "peft")
     model = PrefixTunedModel(peft_model.get_base_model(), tok)
     import_peft(model, out / "peft", name="best")
@@ -172,26 +161,12 @@ def run_peft(args, size, subset_seed, out: Path):
 
 
 def run_full(args, size, subset_seed, out: Path):
-    from prefixtune.features import Formatter, context_length
-
     base, tok = _base(args)
-    train, dev = _data(args, size, subset_seed)
     torch.manual_seed(args.seed)
-    fmt = Formatter(tok, False, context_length(base.config), 0)
     params = list(base.parameters())
     for q in params:
         q.requires_grad_(True)
-    best = _loop(
-        args,
-        base,
-        lambda b: base(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-        params,
-        train,
-        dev,
-        size,
-        tok,
-        fmt,
-    )
+    best = _loop(args, base, params, size, subset_seed, tok, 0)
     for q in params:
         q.requires_grad_(False)
     return base.eval(), tok, None, best
