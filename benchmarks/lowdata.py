@@ -74,6 +74,7 @@ def run_prefixtune(args, size, subset_seed, out: Path):
             device=args.device,
             dtype=args.dtype,
             prefix=PrefixConfig(init_text=INIT, mid_dim=512),
+            progress=True,
         )
     )
     model = result.model
