@@ -15,7 +15,7 @@ bleu_vs_size.png and prints one JSON line last.
 
     python benchmarks/lowdata.py [--sizes 50,100,200,500] [--subsets 0,1] [--systems prefixtune,peft,full]
 
-Needs `pip install -e ".[bench]"` and Java (METEOR). On a 2-core CPU one run takes 50-90 minutes
+Needs `pip install -e ".[bench]"` and Java (METEOR). On a 2-core CPU one run takes 30-90 minutes
 (training with a dev evaluation per epoch, then 630 beam-5 decodes); an H200 (``--device cuda``)
 takes 40-80 s.
 """
