@@ -293,7 +293,7 @@ def main() -> None:
                     continue
                 record = json.loads(file.read_text())
                 if "bleu" not in record and args.score:  # decoded elsewhere with --no-score
-                    predictions = (root / f"{system}-{size}-{subset_seed}.txt").read_text().splitlines()
+                    predictions = (root / f"{system}-{size}-{subset_seed}.txt").read_text(encoding="utf-8").splitlines()
                     record.update(_score(args, predictions))
                     write_json(file, record)
                 if "bleu" in record:
