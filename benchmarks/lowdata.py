@@ -10,8 +10,9 @@ examples and 400 for 500; dev loss after every epoch selects the checkpoint):
 - full fine-tuning of the same model (lr 5e-5).
 Each selected model decodes the first ``--test-limit`` unique E2E test MRs with beam 5 and is
 scored with the official E2E metrics. Runs are cached one JSON per run under the output folder, so
-the script can be stopped and restarted; finished runs are skipped. Writes results.md (table),
-bleu_vs_size.png and prints one JSON line last.
+the script can be stopped and restarted; finished runs are skipped, and a run killed half-way
+continues from its last epoch (its checkpoints live in ``<output>/.work/`` until it finishes).
+Writes results.md (table), bleu_vs_size.png and prints one JSON line last.
 
     python benchmarks/lowdata.py [--sizes 50,100,200,500] [--subsets 0,1] [--systems prefixtune,peft,full]
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def run_prefixtune(args, size, subset_seed, out: Path):
             dtype=args.dtype,
             prefix=PrefixConfig(init_text=INIT, mid_dim=512),
             progress=True,
+            resume=True,  # continues a killed run from its last checkpoint; starts one if there is none
         )
     )
     model = result.model
@@ -82,9 +84,15 @@ def run_prefixtune(args, size, subset_seed, out: Path):
     return model, model.tokenizer, "best", result.best_dev_loss
 
 
-def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int):
-    """The same loop for PEFT and full fine-tuning: AdamW, batch 10, dev loss per epoch, best state kept."""
+def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int, out: Path):
+    """The same loop for PEFT and full fine-tuning: AdamW, batch 10, dev loss per epoch, best state kept.
+
+    Each epoch ends with a checkpoint in ``out/loop.pt`` (trained weights, optimizer, schedule, best
+    state); a later call on the same folder continues from it, with the same result as an unbroken run
+    (the batches of an epoch depend only on the seed and the epoch, and the model has no dropout).
+    """
     from prefixtune.features import Formatter, collate, context_length
+    from prefixtune.files import atomic_write
     from prefixtune.training import batches
 
     train, dev = _data(args, size, subset_seed)
@@ -94,9 +102,17 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
     steps, per_epoch = _steps(size), math.ceil(len(train_f) / 10)
     opt = torch.optim.AdamW(params, lr=5e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    best, best_state, step, epoch = None, None, 0, 0
+    best, best_state, step = None, None, 0
+    path = out / "loop.pt"
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["trained"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        best, best_state, step = state["best"], state["best_state"], state["step"]
+    epoch = step // per_epoch  # checkpoints are at epoch ends (or after the last step)
     device = next(model.parameters()).device
-    bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     def loss_of(features):
         b = {k: v.to(device) for k, v in collate(features, pad).items()}
@@ -125,6 +141,15 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
                     best = dev_loss
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 bar.set_postfix(dev_loss=f"{dev_loss:.3f}", best=f"{best:.3f}")
+                state = {
+                    "trained": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "best": best,
+                    "best_state": best_state,
+                    "step": step,
+                }
+                atomic_write(path, lambda tmp, state=state: torch.save(state, tmp))
             if step >= steps:
                 break
         epoch += 1
@@ -155,7 +180,7 @@ def run_peft(args, size, subset_seed, out: Path):
     )
     peft_model = get_peft_model(base, config)
     params = [q for q in peft_model.parameters() if q.requires_grad]
-    best = _loop(args, peft_model, params, size, subset_seed, tok, p)
+    best = _loop(args, peft_model, params, size, subset_seed, tok, p, out)
     peft_model.save_pretrained(out / "peft")
     model = PrefixTunedModel(peft_model.get_base_model(), tok)
     import_peft(model, out / "peft", name="best")
@@ -168,7 +193,7 @@ def run_full(args, size, subset_seed, out: Path):
     params = list(base.parameters())
     for q in params:
         q.requires_grad_(True)
-    best = _loop(args, base, params, size, subset_seed, tok, 0)
+    best = _loop(args, base, params, size, subset_seed, tok, 0, out)
     for q in params:
         q.requires_grad_(False)
     return base.eval(), tok, None, best
@@ -222,6 +247,7 @@ def one_run(args, system, size, subset_seed, out: Path) -> tuple[dict, list[str]
     """Train, select, decode (and score): the run's record and its predictions, one per test MR."""
     from prefixtune.decode import decode_texts
 
+    resumed = out.is_dir() and any(out.iterdir())
     start = time.perf_counter()
     model, tok, name, dev_loss = SYSTEMS[system](args, size, subset_seed, out)
     trained = time.perf_counter() - start
@@ -239,7 +265,8 @@ def one_run(args, system, size, subset_seed, out: Path) -> tuple[dict, list[str]
         "size": size,
         "subset": subset_seed,
         "best_dev_loss": dev_loss,
-        "train_seconds": trained,
+        "train_seconds": trained,  # of this process only, when resumed
+        "resumed": resumed,
         "decode_seconds": time.perf_counter() - start - trained,
         "test_mrs": len(sources),
         "device": str(model.device),
@@ -284,10 +311,13 @@ def main() -> None:
             for system in args.systems.split(","):
                 file = root / f"{system}-{size}-{subset_seed}.json"
                 if not file.is_file() and not args.report:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        record, predictions = one_run(args, system, size, subset_seed, Path(tmp))
+                    work = root / ".work" / file.stem  # checkpoints, kept until the run's JSON is written
+                    record, predictions = one_run(args, system, size, subset_seed, work)
                     write_lines(root / f"{system}-{size}-{subset_seed}.txt", predictions)
                     write_json(file, record)
+                    shutil.rmtree(work, ignore_errors=True)
+                    if not any(work.parent.iterdir()):
+                        work.parent.rmdir()
                     print(json.dumps(record), flush=True)
                 if not file.is_file():
                     continue

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "lowdata.py"
 
 
@@ -68,3 +70,48 @@ def test_runs_end_to_end_and_resumes(tmp_path):
     assert first.stdout.count('"system"') == len(systems.split(","))
     again = subprocess.run(command, capture_output=True, text=True, check=True)
     assert '"system"' not in again.stdout  # every run cached: nothing retrained
+    assert not (out / ".work").exists()  # checkpoints removed once a run's JSON is written
+
+
+def test_killed_loop_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A PEFT/full-FT run killed after an epoch continues from its checkpoint to the unbroken run's result."""
+    import argparse
+
+    import torch
+    from paths import E2E
+    from tiny import make_model
+
+    lowdata = _lowdata()
+    monkeypatch.setattr(lowdata, "MAX_STEPS", 8)  # 50 examples, batch 10: checkpoints after steps 5 and 8
+    args = argparse.Namespace(data=str(E2E), dev_size=4, seed=42)
+
+    def run(out):
+        model, tok = make_model(seed=3)
+        base = model.base
+        params = list(base.parameters())
+        for q in params:
+            q.requires_grad_(True)
+        best = lowdata._loop(args, base, params, 50, 0, tok, 0, out)
+        return best, base.state_dict()
+
+    best, weights = run(tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    class KillAtStep7(lowdata.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.n == 7:
+                raise Killed
+
+    monkeypatch.setattr(lowdata, "tqdm", KillAtStep7)
+    with pytest.raises(Killed):
+        run(tmp_path / "broken")
+    assert torch.load(tmp_path / "broken" / "loop.pt", weights_only=False)["step"] == 5
+    monkeypatch.setattr(lowdata, "tqdm", lowdata.tqdm.__mro__[1])
+    best_again, weights_again = run(tmp_path / "broken")
+    assert best_again == best
+    assert weights_again.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(weights_again[name], tensor), name
