@@ -87,12 +87,12 @@ def run_prefixtune(args, size, subset_seed, out: Path):
 def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int, out: Path):
     """The same loop for PEFT and full fine-tuning: AdamW, batch 10, dev loss per epoch, best state kept.
 
-    Each epoch ends with a checkpoint in ``out/loop.pt`` (trained weights, optimizer, schedule, best
-    state); a later call on the same folder continues from it, with the same result as an unbroken run
+    Each epoch ends with a checkpoint in ``out/checkpoints/`` (trained weights, optimizer, schedule,
+    best state); a later call on the same folder continues from it, with the same result as an unbroken run
     (the batches of an epoch depend only on the seed and the epoch, and the model has no dropout).
     """
+    from prefixtune.checkpoint import load_checkpoint, save_checkpoint
     from prefixtune.features import Formatter, collate, context_length
-    from prefixtune.files import atomic_write
     from prefixtune.training import batches
 
     train, dev = _data(args, size, subset_seed)
@@ -103,9 +103,8 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
     opt = torch.optim.AdamW(params, lr=5e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     best, best_state, step = None, None, 0
-    path = out / "loop.pt"
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(out)
+    if state is not None:
         model.load_state_dict(state["trained"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -149,7 +148,7 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
                     "best_state": best_state,
                     "step": step,
                 }
-                atomic_write(path, lambda tmp, state=state: torch.save(state, tmp))
+                save_checkpoint(out, state)
             if step >= steps:
                 break
         epoch += 1
