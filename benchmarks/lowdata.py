@@ -140,15 +140,17 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
                     best = dev_loss
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 bar.set_postfix(dev_loss=f"{dev_loss:.3f}", best=f"{best:.3f}")
-                state = {
-                    "trained": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "best": best,
-                    "best_state": best_state,
-                    "step": step,
-                }
-                save_checkpoint(out, state)
+                save_checkpoint(
+                    out,
+                    {
+                        "trained": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "best": best,
+                        "best_state": best_state,
+                        "step": step,
+                    },
+                )
             if step >= steps:
                 break
         epoch += 1

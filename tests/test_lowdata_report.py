@@ -81,6 +81,8 @@ def test_killed_loop_resumes_to_the_same_weights(tmp_path, monkeypatch):
     from paths import E2E
     from tiny import make_model
 
+    from prefixtune.checkpoint import load_checkpoint
+
     lowdata = _lowdata()
     monkeypatch.setattr(lowdata, "MAX_STEPS", 8)  # 50 examples, batch 10: checkpoints after steps 5 and 8
     args = argparse.Namespace(data=str(E2E), dev_size=4, seed=42)
@@ -108,10 +110,8 @@ def test_killed_loop_resumes_to_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(lowdata, "tqdm", KillAtStep7)
     with pytest.raises(Killed):
         run(tmp_path / "broken")
-    from prefixtune.checkpoint import load_checkpoint
-
     assert load_checkpoint(tmp_path / "broken")["step"] == 5
-    monkeypatch.setattr(lowdata, "tqdm", lowdata.tqdm.__mro__[1])
+    monkeypatch.setattr(lowdata, "tqdm", KillAtStep7.__base__)
     best_again, weights_again = run(tmp_path / "broken")
     assert best_again == best
     assert weights_again.keys() == weights.keys()
