@@ -81,7 +81,7 @@ def run_prefixtune(args, size, subset_seed, out: Path):
     )
     model = result.model
     model.load_prefix(out / "run", name="best")
-    return model, model.tokenizer, "best", result.best_dev_loss
+    return model, model.tokenizer, "best", result.best_dev_loss, result.best_step
 
 
 def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int, out: Path):
@@ -102,13 +102,14 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
     steps, per_epoch = _steps(size), math.ceil(len(train_f) / 10)
     opt = torch.optim.AdamW(params, lr=5e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    best, best_state, step = None, None, 0
+    best, best_state, best_step, step = None, None, None, 0
     state = load_checkpoint(out)
     if state is not None:
         model.load_state_dict(state["trained"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         best, best_state, step = state["best"], state["best_state"], state["step"]
+        best_step = state.get("best_step")  # absent from checkpoints written before it was recorded
     epoch = step // per_epoch  # checkpoints are at epoch ends (or after the last step)
     device = next(model.parameters()).device
     bar = tqdm(total=steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
@@ -137,7 +138,7 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
                     )
                 dev_loss = total / len(dev_f)
                 if best is None or dev_loss < best:
-                    best = dev_loss
+                    best, best_step = dev_loss, step
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 bar.set_postfix(dev_loss=f"{dev_loss:.3f}", best=f"{best:.3f}")
                 save_checkpoint(
@@ -148,6 +149,7 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
                         "scheduler": sched.state_dict(),
                         "best": best,
                         "best_state": best_state,
+                        "best_step": best_step,
                         "step": step,
                     },
                 )
@@ -156,7 +158,7 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
         epoch += 1
     bar.close()
     model.load_state_dict(best_state, strict=False)
-    return best
+    return best, best_step
 
 
 def _base(args):
@@ -181,11 +183,11 @@ def run_peft(args, size, subset_seed, out: Path):
     )
     peft_model = get_peft_model(base, config)
     params = [q for q in peft_model.parameters() if q.requires_grad]
-    best = _loop(args, peft_model, params, size, subset_seed, tok, p, out)
+    best, best_step = _loop(args, peft_model, params, size, subset_seed, tok, p, out)
     peft_model.save_pretrained(out / "peft")
     model = PrefixTunedModel(peft_model.get_base_model(), tok)
     import_peft(model, out / "peft", name="best")
-    return model, tok, "best", best
+    return model, tok, "best", best, best_step
 
 
 def run_full(args, size, subset_seed, out: Path):
@@ -194,10 +196,10 @@ def run_full(args, size, subset_seed, out: Path):
     params = list(base.parameters())
     for q in params:
         q.requires_grad_(True)
-    best = _loop(args, base, params, size, subset_seed, tok, 0, out)
+    best, best_step = _loop(args, base, params, size, subset_seed, tok, 0, out)
     for q in params:
         q.requires_grad_(False)
-    return base.eval(), tok, None, best
+    return base.eval(), tok, None, best, best_step
 
 
 def _hf_decode(base, tok, sources: list[str], batch_size: int) -> list[str]:
@@ -250,7 +252,7 @@ def one_run(args, system, size, subset_seed, out: Path) -> tuple[dict, list[str]
 
     resumed = out.is_dir() and any(out.iterdir())
     start = time.perf_counter()
-    model, tok, name, dev_loss = SYSTEMS[system](args, size, subset_seed, out)
+    model, tok, name, dev_loss, best_step = SYSTEMS[system](args, size, subset_seed, out)
     trained = time.perf_counter() - start
     sources = [s for s, _ in _test_groups(args)]
     if name is None:  # full fine-tuning: no prefix
@@ -266,6 +268,7 @@ def one_run(args, system, size, subset_seed, out: Path) -> tuple[dict, list[str]
         "size": size,
         "subset": subset_seed,
         "best_dev_loss": dev_loss,
+        "best_step": best_step,  # the step the selected weights come from
         "train_seconds": trained,  # of this process only, when resumed
         "resumed": resumed,
         "decode_seconds": time.perf_counter() - start - trained,

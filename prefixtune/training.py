@@ -133,6 +133,7 @@ class TrainResult:
     steps: int
     final_loss: float
     best_dev_loss: float | None
+    best_step: int | None  # the step of the best dev loss (the prefix saved as "best"); None without dev data
     model: PrefixTunedModel
 
 
@@ -389,7 +390,7 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     dist.barrier()  # the run directory is complete for every process
     if cfg.compile:
         uncompile_layers(model)
-    return TrainResult(run_dir, step, loss_value, best, model)
+    return TrainResult(run_dir, step, loss_value, best, best_step, model)
 
 
 def _passes(batch: list, dist, micro: int, targets: int) -> list[tuple[list, float]]:

@@ -104,6 +104,14 @@ def test_generate_from_stdin_file_and_split(run_dir, tmp_path, monkeypatch, caps
     assert len(out.read_text().splitlines()) == 547  # one line per unique dev MR
 
 
+def test_train_reports_the_best_dev_loss_and_its_step(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(model_dir, out, train_size=8, dev_size=4, max_steps=4, batch_size=4)) == 0
+    devs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    best = min((r for r in devs if r["event"] == "dev"), key=lambda r: r["dev_loss"])
+    assert f"best dev loss {best['dev_loss']:.4f} at step {best['step']};" in capsys.readouterr().err
+
+
 def test_inspect_json(run_dir, capsys):
     assert main(["inspect", str(run_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -66,6 +66,7 @@ def test_runs_end_to_end_and_resumes(tmp_path):
         record = json.loads((out / f"{system}-50-0.json").read_text())
         assert (record["system"], record["size"], record["subset"], record["test_mrs"]) == (system, 50, 0, 3)
         assert record["best_dev_loss"] > 0 and "bleu" not in record  # --no-score: decoded, not scored
+        assert record["best_step"] in (5, 6)  # 50 examples, batch 10: dev loss after steps 5 and 6
         assert len((out / f"{system}-50-0.txt").read_text().splitlines()) == 3
     assert first.stdout.count('"system"') == len(systems.split(","))
     again = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -93,7 +94,7 @@ def test_killed_loop_resumes_to_the_same_weights(tmp_path, monkeypatch):
         params = list(base.parameters())
         for q in params:
             q.requires_grad_(True)
-        best = lowdata._loop(args, base, params, 50, 0, tok, 0, out)
+        best = lowdata._loop(args, base, params, 50, 0, tok, 0, out)  # (best dev loss, its step)
         return best, base.state_dict()
 
     best, weights = run(tmp_path / "whole")

@@ -60,6 +60,7 @@ def test_run_directory_and_learning(tmp_path, family):
     assert devs[-1]["dev_loss"] < devs[0]["dev_loss"]
     doc = json.loads((run / "prefix_config.json").read_text())
     assert doc["training"]["best_dev_loss"] == min(d["dev_loss"] for d in devs)
+    assert result.best_step == min(devs, key=lambda d: d["dev_loss"])["step"]
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 

@@ -184,7 +184,9 @@ def run(args) -> int:
         distributed.shutdown()
     if distributed.from_env().rank != 0:
         return 0  # rank 0 reports and evaluates
-    best = f", best dev loss {result.best_dev_loss:.4f}" if result.best_dev_loss is not None else ""
+    best = ""
+    if result.best_dev_loss is not None:
+        best = f", best dev loss {result.best_dev_loss:.4f} at step {result.best_step}"
     print(
         f"trained {result.steps} steps, final loss {result.final_loss:.4f}{best}; prefix in {result.output}",
         file=sys.stderr,
