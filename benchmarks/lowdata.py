@@ -381,6 +381,23 @@ def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
                 f"| {system} | {size} | {len(rs)} | {100 * m['bleu']:.1f} | {m['nist']:.2f} | "
                 f"{100 * m['meteor']:.1f} | {100 * m['rouge_l']:.1f} | {m['cider']:.2f} | {m['best_dev_loss']:.3f} |"
             )
+    paired = _paired(runs, systems)
+    if paired:
+        first, others = systems[0], systems[1:]
+        rows += [
+            "",
+            f"## {first} minus each other system, paired by subset (test BLEU points; the subsets both finished)",
+            "",
+            "| train size | " + " | ".join(f"vs {o}" for o in others) + " |",
+            "|---|" + "---|" * len(others),
+        ]
+        for size in sorted({size for _, size in paired}):
+            text = []
+            for other in others:
+                diffs = paired.get((other, size), [])
+                each = ", ".join(f"{d:+.1f}" for d in diffs)
+                text.append(f"{sum(diffs) / len(diffs):+.1f} (subsets: {each})" if diffs else "–")
+            rows.append(f"| {size} | " + " | ".join(text) + " |")
     title = "# Low-data E2E: test scores of the dev-selected model (benchmarks/lowdata.py)\n\n"
     text = title + "\n".join(rows) + "\n"
     atomic_write(root / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -407,7 +424,18 @@ def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
         "benchmark": "lowdata",
         "runs": len(runs),
         **{f"{s}_{size}_bleu": round(m["bleu"] * 100, 2) for (s, size), m in means.items()},
+        **{f"{systems[0]}_minus_{o}_{size}_bleu": round(sum(d) / len(d), 2) for (o, size), d in paired.items()},
     }
+
+
+def _paired(runs: dict, systems: list[str]) -> dict[tuple[str, int], list[float]]:
+    """(other system, size) -> BLEU of the first system minus the other's, one per subset both finished."""
+    first, paired = systems[0], {}
+    for (system, size, subset), r in sorted(runs.items(), key=lambda item: (item[0][1], item[0][2])):
+        mine = runs.get((first, size, subset))
+        if system != first and system in systems and mine is not None:
+            paired.setdefault((system, size), []).append(100 * (mine["bleu"] - r["bleu"]))
+    return paired
 
 
 if __name__ == "__main__":

@@ -28,17 +28,21 @@ def test_means_are_like_against_like(tmp_path):
         _run("full", 50, 0, 0.50),
         _run("prefixtune", 50, 1, 0.10),  # subset 1 lacks peft and full: listed, not averaged
         _run("prefixtune", 100, 0, 0.70),
+        _run("full", 50, 1, 0.25),  # pairs with prefixtune's subset 1 (but not averaged: peft lacks it)
     ]
     summary = lowdata._report(tmp_path, results, ["prefixtune", "peft", "full"])
     assert summary == {
         "benchmark": "lowdata",
-        "runs": 5,
+        "runs": 6,
         "prefixtune_50_bleu": 60.0,
         "peft_50_bleu": 40.0,
         "full_50_bleu": 50.0,
+        "prefixtune_minus_peft_50_bleu": 20.0,
+        "prefixtune_minus_full_50_bleu": -2.5,  # +10 on subset 0, -15 on subset 1
     }
     table = (tmp_path / "results.md").read_text()
-    assert "| 50 | 1 | 10.0 (cpu) | – | – |" in table
+    assert "| 50 | 1 | 10.0 (cpu) | – | 25.0 (cpu) |" in table
+    assert "| 50 | +20.0 (subsets: +20.0) | -2.5 (subsets: +10.0, -15.0) |" in table  # paired, in subset order
     assert "| 50 | 0 | 60.0 (cpu) | 40.0 (cuda) | 50.0 (cpu) |" in table
     assert "| prefixtune | 50 | 1 | 60.0 |" in table
     assert "| prefixtune | 100 |" not in table  # 100 has no complete subset
