@@ -84,8 +84,8 @@ def run_prefixtune(args, size, subset_seed, out: Path):
     return model, model.tokenizer, "best", result.best_dev_loss, result.best_step
 
 
-def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int, out: Path):
-    """The same loop for PEFT and full fine-tuning: AdamW, batch 10, dev loss per epoch, best state kept.
+def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int, out: Path, lr: float = 5e-5):
+    """The same loop for PEFT, LoRA and full fine-tuning: AdamW, batch 10, dev loss per epoch, best state kept.
 
     Each epoch ends with a checkpoint in ``out/checkpoints/`` (trained weights, optimizer, schedule,
     best state); a later call on the same folder continues from it, with the same result as an unbroken run
@@ -100,7 +100,7 @@ def _loop(args, model, params, size, subset_seed, tokenizer, virtual_tokens: int
     pad = tokenizer.pad_token_id
     train_f, dev_f = [fmt.encode(e) for e in train], [fmt.encode(e) for e in dev]
     steps, per_epoch = _steps(size), math.ceil(len(train_f) / 10)
-    opt = torch.optim.AdamW(params, lr=5e-5)
+    opt = torch.optim.AdamW(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     best, best_state, best_step, step = None, None, None, 0
     state = load_checkpoint(out)
@@ -190,6 +190,27 @@ def run_peft(args, size, subset_seed, out: Path):
     return model, tok, "best", best, best_step
 
 
+LORA_LR = 2e-4  # the LoRA paper's learning rate for E2E (Hu et al. 2021, GPT-2 on E2E); 5e-5 barely moves B from 0
+
+
+def run_lora(args, size, subset_seed, out: Path):
+    """LoRA (PEFT): r=8, alpha 16, no dropout, on every attention projection; merged into the base to decode."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = _base(args)
+    torch.manual_seed(args.seed)
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    targets = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in names] or None  # None: PEFT's default
+    config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
+    peft_model = get_peft_model(base, config)
+    params = [q for q in peft_model.parameters() if q.requires_grad]
+    best, best_step = _loop(args, peft_model, params, size, subset_seed, tok, 0, out, lr=LORA_LR)
+    merged = peft_model.merge_and_unload()
+    for q in merged.parameters():
+        q.requires_grad_(False)
+    return merged.eval(), tok, None, best, best_step
+
+
 def run_full(args, size, subset_seed, out: Path):
     base, tok = _base(args)
     torch.manual_seed(args.seed)
@@ -231,7 +252,7 @@ def _hf_decode(base, tok, sources: list[str], batch_size: int) -> list[str]:
     return out
 
 
-SYSTEMS = {"prefixtune": run_prefixtune, "peft": run_peft, "full": run_full}
+SYSTEMS = {"prefixtune": run_prefixtune, "peft": run_peft, "lora": run_lora, "full": run_full}
 
 
 def _test_groups(args):

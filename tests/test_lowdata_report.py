@@ -61,7 +61,7 @@ def test_runs_end_to_end_and_resumes(tmp_path):
 
     model = save_tiny_model_dir(tmp_path / "model")
     out = tmp_path / "out"
-    systems = "prefixtune,full" + (",peft" if importlib.util.find_spec("peft") else "")
+    systems = "prefixtune,full" + (",peft,lora" if importlib.util.find_spec("peft") else "")
     command = [sys.executable, str(BENCH), "--model", model, "--data", str(E2E), "--sizes", "50", "--subsets", "0"]
     command += ["--systems", systems, "--max-steps", "6", "--dev-size", "4", "--test-limit", "3", "--decode-batch", "2"]
     command += ["--no-score", "--output", str(out)]
