@@ -3,9 +3,11 @@
 The E2E metrics package runs NIST's ``mteval-v13a.pl``, edited to accept a different number of
 references per segment. This is a re-implementation of that computation: its tokenization
 (``tokenization`` with ASCII lowercasing), n-gram information weights from all references, BLEU
-with the closest reference length and the script's smoothing, and NIST whose reference length is
-the total reference words divided by the largest number of references (missing references count
-as empty, exactly as the edited script sees them).
+with the closest reference length and the script's smoothing, and NIST whose length penalty
+compares the output's words with the average reference length: total reference words divided by
+the mean number of non-empty references per segment (the E2E edit of the script, e2e-metrics
+commit fdfe692; dividing by the largest number of references instead makes the average reference
+far too short and the penalty almost never apply).
 """
 
 from __future__ import annotations
@@ -58,8 +60,7 @@ def bleu_nist(references: list[list[str]], hypotheses: list[str]) -> dict[str, f
     Returns:
         ``{"bleu": fraction, "nist": score}``.
     """
-    width = max(len(r) for r in references)
-    refs = [[tokenize(r) for r in rs] + [[] for _ in range(width - len(rs))] for rs in references]
+    refs = [[tokenize(r) for r in rs] for rs in references]
     hyps = [tokenize(h) for h in hypotheses]
     counts: Counter = Counter()
     total_words = 0
@@ -88,7 +89,9 @@ def bleu_nist(references: list[list[str]], hypotheses: list[str]) -> dict[str, f
                 matched = min(c, best[gram])
                 match[len(gram)] += matched
                 test_info[len(gram)] += info[gram] * matched
-    return {"bleu": _bleu(ref_length, match, test), "nist": _nist(width, test, ref_count, test_info)}
+    # the script's $nrefs: references that are not empty once tokenized, averaged over segments
+    mean_refs = sum(sum(1 for ref in segment if ref) for segment in refs) / len(refs)
+    return {"bleu": _bleu(ref_length, match, test), "nist": _nist(mean_refs, test, ref_count, test_info)}
 
 
 def _bleu(ref_length: int, match: list[int], test: list[int]) -> float:
@@ -106,8 +109,11 @@ def _bleu(ref_length: int, match: list[int], test: list[int]) -> float:
     return math.exp(total / 4) * brevity
 
 
-def _nist(num_refs: int, test: list[int], ref_count: list[int], test_info: list[float]) -> float:
-    ratio = test[1] / (ref_count[1] / num_refs)
+def _nist(mean_refs: float, test: list[int], ref_count: list[int], test_info: list[float]) -> float:
+    """The script's ``nist_score``: information per matched n-gram (n ≤ 5) times the length penalty."""
+    if ref_count[1] == 0:  # every reference empty: the script divides by zero; no length to compare with
+        return 0.0
+    ratio = test[1] / (ref_count[1] / mean_refs)
     if ratio >= 1:
         penalty = 1.0
     elif ratio <= 0:
