@@ -1,20 +1,26 @@
 """The paper's low-data experiment (Li & Liang 2021, §6.3), side by side on one model.
 
-For each E2E training size (50, 100, 200, 500) and subset seed, three systems train on the same
-examples with the same budget (the lowdata preset: batch 10, lr 5e-5, 200 steps for ≤ 200
-examples and 400 for 500; dev loss after every epoch selects the checkpoint):
-- prefixtune prefix-tuning (init "table-to-text:", MLP reparameterization);
-- PEFT prefix-tuning (``PrefixTuningConfig``, MLP projection, the same steps and lr; decoded by
+For each E2E training size (default 50 and 100; also 200, 500) and subset seed (default 0, 1, 2),
+the systems train on the same examples with the same budget (the lowdata preset: batch 10, 200
+steps for ≤ 200 examples and 400 for 500; dev loss after every epoch selects the checkpoint):
+- prefixtune prefix-tuning (init "table-to-text:", MLP reparameterization, lr 5e-5);
+- LoRA (PEFT ``LoraConfig``: r=8, alpha 16, no dropout, on q/k/v/o; lr 2e-4, the LoRA paper's
+  E2E learning rate; merged into the model to decode) — what most users would pick instead;
+- full fine-tuning of the same model (lr 5e-5);
+- ``peft``: PEFT's own prefix-tuning (``PrefixTuningConfig``, MLP projection, lr 5e-5; decoded by
   prefixtune after ``import_peft``, which gives PEFT's own logits: PEFT 0.21's ``generate`` drops
-  the prefix, see bench_generate.py);
-- full fine-tuning of the same model (lr 5e-5).
+  the prefix, see bench_generate.py); not in the default set.
 Each selected model decodes the first ``--test-limit`` unique E2E test MRs with beam 5 and is
 scored with the official E2E metrics. Runs are cached one JSON per run under the output folder, so
 the script can be stopped and restarted; finished runs are skipped, and a run killed half-way
 continues from its last epoch (its checkpoints live in ``<output>/.work/`` until it finishes).
 Writes results.md (table), bleu_vs_size.png and prints one JSON line last.
 
-    python benchmarks/lowdata.py [--sizes 50,100,200,500] [--subsets 0,1] [--systems prefixtune,peft,full]
+    python benchmarks/lowdata.py [--sizes 50,100] [--subsets 0,1,2] [--systems prefixtune,lora,full]
+    python benchmarks/lowdata.py --report [--rescore]   # tables and plot from the saved runs
+
+The report lists every saved run, then, per size, the mean ± standard deviation over the subsets
+that every listed system finished, and the first system minus each other one, paired by subset.
 
 Needs `pip install -e ".[bench]"` and Java (METEOR). On a 2-core CPU one run takes 30-90 minutes
 (training with a dev evaluation per epoch, then 630 beam-5 decodes); an H200 (``--device cuda``)
@@ -27,6 +33,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -307,9 +314,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--sizes", default="50,100,200,500")
-    ap.add_argument("--subsets", default="0,1", help="subset seeds (default: 0,1)")
-    ap.add_argument("--systems", default="prefixtune,peft,full")
+    ap.add_argument("--sizes", default="50,100", help="training sizes (default: 50,100; the paper adds 200,500)")
+    ap.add_argument("--subsets", default="0,1,2", help="subset seeds (default: 0,1,2)")
+    ap.add_argument(
+        "--systems",
+        default="prefixtune,lora,full",
+        help="of prefixtune, lora, full, peft; the first is compared with each other (default: prefixtune,lora,full)",
+    )
     ap.add_argument("--dev-size", type=int, default=200, help="dev examples for selection (default: 200)")
     ap.add_argument("--test-limit", type=int, default=630, help="unique test MRs decoded (default: all 630)")
     ap.add_argument("--seed", type=int, default=42)
@@ -325,12 +336,12 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="override the preset's steps (smoke tests only)")
     ap.add_argument("--output", default=str(HERE / "results" / "lowdata"))
     ap.add_argument("--report", action="store_true", help="train nothing: score saved runs, write the table and plot")
+    ap.add_argument("--rescore", action="store_true", help="score every saved run's predictions again (a metric changed)")
     args = ap.parse_args()
     global MAX_STEPS
     MAX_STEPS = args.max_steps
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
-    results = []
     for size in map(int, args.sizes.split(",")):
         for subset_seed in map(int, args.subsets.split(",")):
             for system in args.systems.split(","):
@@ -344,15 +355,18 @@ def main() -> None:
                     if not any(work.parent.iterdir()):
                         work.parent.rmdir()
                     print(json.dumps(record), flush=True)
-                if not file.is_file():
-                    continue
-                record = json.loads(file.read_text())
-                if "bleu" not in record and args.score:  # decoded elsewhere with --no-score
-                    predictions = (root / f"{system}-{size}-{subset_seed}.txt").read_text(encoding="utf-8").splitlines()
-                    record.update(_score(args, predictions))
-                    write_json(file, record)
-                if "bleu" in record:
-                    results.append(record)
+    # every saved run, listed or not, goes into the report; unscored ones (decoded elsewhere with --no-score,
+    # or every one with --rescore after a metric changed) are scored from their saved predictions first
+    results = []
+    for file in sorted(root.glob("*-*-*.json")):
+        record = json.loads(file.read_text())
+        if args.score and ("bleu" not in record or args.rescore):
+            predictions = file.with_suffix(".txt").read_text(encoding="utf-8").splitlines()
+            print(f"scoring {file.with_suffix('.txt').name}", file=sys.stderr, flush=True)
+            record.update(_score(args, predictions))
+            write_json(file, record)
+        if "bleu" in record:
+            results.append(record)
     if not results:
         return
     summary = _report(root, results, args.systems.split(","))
@@ -362,8 +376,21 @@ def main() -> None:
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    import statistics
+
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _pm(mean: float, sd: float | None, scale: float = 1.0, digits: int = 1, sign: str = "") -> str:
+    text = f"{mean * scale:{sign}.{digits}f}"
+    return text + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
+
+
 def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
-    """results.md (every run, then means over the subsets every system finished) and the BLEU plot."""
+    """results.md (every run; mean ± sd over the subsets every listed system finished; the first system
+    minus each other, paired by subset) and the BLEU plot with error bars."""
     import matplotlib
 
     from prefixtune.files import atomic_write
@@ -372,42 +399,45 @@ def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
     import matplotlib.pyplot as plt
 
     runs = {(r["system"], r["size"], r["subset"]): r for r in results}
+    shown = systems + sorted({s for s, _, _ in runs} - set(systems))  # unlisted systems: in the run table only
     cells = sorted({(size, subset) for _, size, subset in runs})
     rows = [
         "## Every run: test BLEU (device of the run)",
         "",
-        "| train size | subset | " + " | ".join(systems) + " |",
-        "|---|---|" + "---|" * len(systems),
+        "| train size | subset | " + " | ".join(shown) + " |",
+        "|---|---|" + "---|" * len(shown),
     ]
     for size, subset in cells:
-        entries = [runs.get((s, size, subset)) for s in systems]
+        entries = [runs.get((s, size, subset)) for s in shown]
         text = [f"{100 * r['bleu']:.1f} ({r.get('device', 'cpu').split(':')[0]})" if r else "–" for r in entries]
         rows.append(f"| {size} | {subset} | " + " | ".join(text) + " |")
-    # means only over the (size, subset) cells that every system finished: like against like
+    # means only over the (size, subset) cells that every listed system finished: like against like
     complete = [(size, subset) for size, subset in cells if all((s, size, subset) in runs for s in systems)]
     rows += [
         "",
-        "## Means over the subsets that every system finished",
+        f"## Mean ± standard deviation over the subsets that {', '.join(systems)} all finished",
         "",
         "| system | train size | subsets | BLEU | NIST | METEOR | ROUGE-L | CIDEr | best dev loss |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    means = {}
-    for system in systems:
-        for size in sorted({size for size, _ in complete}):
+    stats = {}
+    for size in sorted({size for size, _ in complete}):
+        for system in systems:
             rs = [runs[(system, size, subset)] for sz, subset in complete if sz == size]
-            m = {k: sum(r[k] for r in rs) / len(rs) for k in (*METRICS, "best_dev_loss")}
-            means[(system, size)] = m
+            m = {k: _mean_sd([r[k] for r in rs]) for k in (*METRICS, "best_dev_loss")}
+            stats[(system, size)] = m
             rows.append(
-                f"| {system} | {size} | {len(rs)} | {100 * m['bleu']:.1f} | {m['nist']:.2f} | "
-                f"{100 * m['meteor']:.1f} | {100 * m['rouge_l']:.1f} | {m['cider']:.2f} | {m['best_dev_loss']:.3f} |"
+                f"| {system} | {size} | {', '.join(str(sub) for sz, sub in complete if sz == size)} | "
+                f"{_pm(*m['bleu'], 100)} | {_pm(*m['nist'], digits=2)} | {_pm(*m['meteor'], 100)} | "
+                f"{_pm(*m['rouge_l'], 100)} | {_pm(*m['cider'], digits=2)} | {_pm(*m['best_dev_loss'], digits=3)} |"
             )
     paired = _paired(runs, systems)
     if paired:
         first, others = systems[0], systems[1:]
         rows += [
             "",
-            f"## {first} minus each other system, paired by subset (test BLEU points; the subsets both finished)",
+            f"## {first} minus each other system, paired by subset (test BLEU points; mean ± sd over the subsets "
+            "both finished)",
             "",
             "| train size | " + " | ".join(f"vs {o}" for o in others) + " |",
             "|---|" + "---|" * len(others),
@@ -415,47 +445,53 @@ def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
         for size in sorted({size for _, size in paired}):
             text = []
             for other in others:
-                diffs = paired.get((other, size), [])
-                each = ", ".join(f"{d:+.1f}" for d in diffs)
-                text.append(f"{sum(diffs) / len(diffs):+.1f} (subsets: {each})" if diffs else "–")
+                diffs = paired.get((other, size), {})
+                each = ", ".join(f"{sub}: {d:+.1f}" for sub, d in diffs.items())
+                text.append(f"{_pm(*_mean_sd(list(diffs.values())), sign='+')} (subset {each})" if diffs else "–")
             rows.append(f"| {size} | " + " | ".join(text) + " |")
     title = "# Low-data E2E: test scores of the dev-selected model (benchmarks/lowdata.py)\n\n"
     text = title + "\n".join(rows) + "\n"
     atomic_write(root / "results.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for k, system in enumerate(systems):
-        color = f"C{k}"
-        points = sorted((size, m["bleu"] * 100) for (s, size), m in means.items() if s == system)
-        if points:
-            ax.plot(*zip(*points), "o-", color=color, label=system)
-        singles = [(size, 100 * r["bleu"]) for (s, size, _), r in runs.items() if s == system]
-        if singles:
-            ax.scatter(*zip(*singles), s=12, alpha=0.5, color=color, label=None if points else system)
-    ax.set_xscale("log")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     sizes = sorted({size for _, size, _ in runs})
+    for k, system in enumerate(shown):
+        color, shift = f"C{k}", 1 + 0.03 * (k - (len(shown) - 1) / 2)  # side by side on the log axis
+        points = sorted((size, m["bleu"]) for (s, size), m in stats.items() if s == system)
+        if points:
+            xs = [size * shift for size, _ in points]
+            ys = [100 * mean for _, (mean, _) in points]
+            err = [100 * (sd or 0.0) for _, (_, sd) in points]
+            ax.errorbar(xs, ys, yerr=err, fmt="o-", color=color, capsize=3, label=system)
+        singles = [(size * shift, 100 * r["bleu"]) for (s, size, _), r in runs.items() if s == system]
+        if singles:
+            ax.scatter(*zip(*singles), s=10, alpha=0.45, color=color, label=None if points else system)
+    ax.set_xscale("log")
     ax.set_xticks(sizes, [str(size) for size in sizes])
     ax.minorticks_off()
     ax.set_xlabel("E2E training examples")
     ax.set_ylabel("test BLEU")
-    ax.set_title("lines: mean over complete subsets; dots: runs", fontsize=8)
-    ax.legend()
+    ax.set_title("lines: mean ± sd over subsets all finished; dots: single runs", fontsize=8)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(root / "bleu_vs_size.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    return {
-        "benchmark": "lowdata",
-        "runs": len(runs),
-        **{f"{s}_{size}_bleu": round(m["bleu"] * 100, 2) for (s, size), m in means.items()},
-        **{f"{systems[0]}_minus_{o}_{size}_bleu": round(sum(d) / len(d), 2) for (o, size), d in paired.items()},
-    }
+    summary = {"benchmark": "lowdata", "runs": len(runs)}
+    for (s, size), m in stats.items():
+        summary[f"{s}_{size}_bleu"] = round(m["bleu"][0] * 100, 2)
+        summary[f"{s}_{size}_bleu_sd"] = None if m["bleu"][1] is None else round(m["bleu"][1] * 100, 2)
+    for (o, size), diffs in paired.items():
+        mean, sd = _mean_sd(list(diffs.values()))
+        summary[f"{systems[0]}_minus_{o}_{size}_bleu"] = round(mean, 2)
+        summary[f"{systems[0]}_minus_{o}_{size}_bleu_sd"] = None if sd is None else round(sd, 2)
+    return summary
 
 
-def _paired(runs: dict, systems: list[str]) -> dict[tuple[str, int], list[float]]:
-    """(other system, size) -> BLEU of the first system minus the other's, one per subset both finished."""
+def _paired(runs: dict, systems: list[str]) -> dict[tuple[str, int], dict[int, float]]:
+    """(other system, size) -> {subset: BLEU of the first system minus the other's}, subsets both finished."""
     first, paired = systems[0], {}
     for (system, size, subset), r in sorted(runs.items(), key=lambda item: (item[0][1], item[0][2])):
         mine = runs.get((first, size, subset))
         if system != first and system in systems and mine is not None:
-            paired.setdefault((system, size), []).append(100 * (mine["bleu"] - r["bleu"]))
+            paired.setdefault((system, size), {})[subset] = 100 * (mine["bleu"] - r["bleu"])
     return paired
 
 

@@ -24,30 +24,51 @@ def test_means_are_like_against_like(tmp_path):
     lowdata = _lowdata()
     results = [
         _run("prefixtune", 50, 0, 0.60),
-        _run("peft", 50, 0, 0.40, "cuda:0"),
+        _run("lora", 50, 0, 0.40, "cuda:0"),
         _run("full", 50, 0, 0.50),
-        _run("prefixtune", 50, 1, 0.10),  # subset 1 lacks peft and full: listed, not averaged
+        _run("prefixtune", 50, 1, 0.10),  # subset 1 lacks lora: listed, not averaged
         _run("prefixtune", 100, 0, 0.70),
-        _run("full", 50, 1, 0.25),  # pairs with prefixtune's subset 1 (but not averaged: peft lacks it)
+        _run("full", 50, 1, 0.25),  # pairs with prefixtune's subset 1 (but not averaged: lora lacks it)
+        _run("peft", 50, 0, 0.30),  # not listed: in the run table only
     ]
-    summary = lowdata._report(tmp_path, results, ["prefixtune", "peft", "full"])
+    summary = lowdata._report(tmp_path, results, ["prefixtune", "lora", "full"])
     assert summary == {
         "benchmark": "lowdata",
-        "runs": 6,
+        "runs": 7,
         "prefixtune_50_bleu": 60.0,
-        "peft_50_bleu": 40.0,
+        "prefixtune_50_bleu_sd": None,  # one subset: no spread
+        "lora_50_bleu": 40.0,
+        "lora_50_bleu_sd": None,
         "full_50_bleu": 50.0,
-        "prefixtune_minus_peft_50_bleu": 20.0,
+        "full_50_bleu_sd": None,
+        "prefixtune_minus_lora_50_bleu": 20.0,
+        "prefixtune_minus_lora_50_bleu_sd": None,
         "prefixtune_minus_full_50_bleu": -2.5,  # +10 on subset 0, -15 on subset 1
+        "prefixtune_minus_full_50_bleu_sd": pytest.approx(17.68, abs=0.01),  # sample sd of (+10, -15)
     }
     table = (tmp_path / "results.md").read_text()
-    assert "| 50 | 1 | 10.0 (cpu) | – | 25.0 (cpu) |" in table
-    assert "| 50 | +20.0 (subsets: +20.0) | -2.5 (subsets: +10.0, -15.0) |" in table  # paired, in subset order
-    assert "| 50 | 0 | 60.0 (cpu) | 40.0 (cuda) | 50.0 (cpu) |" in table
-    assert "| prefixtune | 50 | 1 | 60.0 |" in table
+    assert "| train size | subset | prefixtune | lora | full | peft |" in table
+    assert "| 50 | 1 | 10.0 (cpu) | – | 25.0 (cpu) | – |" in table
+    assert "| 50 | +20.0 (subset 0: +20.0) | -2.5 ± 17.7 (subset 0: +10.0, 1: -15.0) |" in table
+    assert "| 50 | 0 | 60.0 (cpu) | 40.0 (cuda) | 50.0 (cpu) | 30.0 (cpu) |" in table
+    assert "| prefixtune | 50 | 0 | 60.0 | 8.00 |" in table
     assert "| prefixtune | 100 |" not in table  # 100 has no complete subset
+    assert "| peft | 50 |" not in table
     assert (tmp_path / "bleu_vs_size.png").stat().st_size > 1000
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_mean_and_sd_over_three_subsets(tmp_path):
+    lowdata = _lowdata()
+    results = [_run(s, 50, k, b) for k in range(3) for s, b in (("prefixtune", 0.5 + 0.1 * k), ("full", 0.5))]
+    summary = lowdata._report(tmp_path, results, ["prefixtune", "full"])
+    assert summary["prefixtune_50_bleu"] == pytest.approx(60.0)
+    assert summary["prefixtune_50_bleu_sd"] == pytest.approx(10.0)  # sample sd of 50, 60, 70
+    assert summary["full_50_bleu_sd"] == pytest.approx(0.0)
+    assert summary["prefixtune_minus_full_50_bleu"] == pytest.approx(10.0)
+    table = (tmp_path / "results.md").read_text()
+    assert "| prefixtune | 50 | 0, 1, 2 | 60.0 ± 10.0 |" in table
+    assert "+10.0 ± 10.0 (subset 0: +0.0, 1: +10.0, 2: +20.0)" in table
 
 
 def test_runs_end_to_end_and_resumes(tmp_path):

@@ -56,5 +56,5 @@ def evaluate(task: str, references: list[list[str]], predictions: list[str]) -> 
     if task in ("webnlg", "dart"):
         from .webnlg import webnlg_scores
 
-        return webnlg_scores(references, predictions, meteor_refs=3 if task == "webnlg" else 8)
+        return webnlg_scores(references, predictions, transliterate=task == "webnlg")
     return rouge(references, predictions)

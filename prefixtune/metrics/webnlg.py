@@ -1,12 +1,16 @@
-"""BLEU, METEOR and TER as the WebNLG 2017 challenge evaluation computes them (also used for DART).
+"""BLEU, METEOR and TER as the WebNLG 2017 challenge evaluation and DART's evaluation compute them.
 
-The official scripts (webnlg-automatic-evaluation, reused by DART's evaluation) first normalize
-every text: split on non-word characters, collapse spaces, transliterate to ASCII (``unidecode``)
-and lowercase. Then:
+WebNLG 2017 (the challenge's webnlg-automatic-evaluation, which DART's ``run_eval_on_webnlg.sh``
+runs): every text is split on non-word characters, spaces collapsed, transliterated to ASCII
+(``unidecode``) and lowercased. DART (``run_eval_on_dart.sh``): the references are the same
+without transliteration (``dart_reference/all-delex-reference{0,1,2}.lex``); the script takes the
+system output as it is, so prefixtune normalizes outputs like the references first (a no-op on
+output that is already lowercased and tokenized, as the script expects). Then, for both:
 
-* BLEU: Moses ``multi-bleu.perl -lc`` with the first three references (missing ones are empty
+* BLEU: Moses ``multi-bleu.perl`` with the first three references (missing ones are empty
   lines, i.e. references of length 0), closest reference length, no smoothing;
-* METEOR 1.5 (``-l en -norm``) with the first three references (WebNLG) or up to eight (DART);
+* METEOR 1.5 (``-l en -norm``) with the first three references (DART's ``-r 8`` pads those three
+  with empty lines, which never score);
 * TER: tercom 0.7.25 against the first three references; computed by sacrebleu's port of tercom.
 """
 
@@ -19,11 +23,14 @@ from collections import Counter
 from .coco import meteor
 
 
-def normalize(text: str) -> str:
-    """The official normalization: tokens split on non-word characters, ASCII, lowercase."""
+def normalize(text: str, transliterate: bool = True) -> str:
+    """The official normalization: tokens split on non-word characters, lowercase, ASCII (WebNLG only)."""
+    text = " ".join(" ".join(re.split(r"(\W)", text)).split()).lower()
+    if not transliterate:
+        return text
     from unidecode import unidecode
 
-    return unidecode(" ".join(" ".join(re.split(r"(\W)", text)).split()).lower())
+    return unidecode(text)
 
 
 def multi_bleu(references: list[list[str]], hypotheses: list[str]) -> float:
@@ -63,17 +70,17 @@ def multi_bleu(references: list[list[str]], hypotheses: list[str]) -> float:
     return brevity * math.exp(sum(math.log(match[n] / total[n]) for n in range(1, 5)) / 4)
 
 
-def webnlg_scores(references: list[list[str]], hypotheses: list[str], meteor_refs: int = 3) -> dict[str, float]:
-    """``{"bleu", "meteor", "ter"}`` as fractions, computed on normalized texts."""
+def webnlg_scores(references: list[list[str]], hypotheses: list[str], transliterate: bool = True) -> dict[str, float]:
+    """``{"bleu", "meteor", "ter"}`` as fractions, computed on normalized texts (``transliterate``: WebNLG)."""
     from sacrebleu.metrics import TER
 
-    hyps = [normalize(h) for h in hypotheses]
-    refs = [[normalize(r) for r in rs] for rs in references]
+    hyps = [normalize(h, transliterate) for h in hypotheses]
+    refs = [[normalize(r, transliterate) for r in rs] for rs in references]
     three = [(rs + ["", "", ""])[:3] for rs in refs]
     ter_streams = [[rs[i] if i < len(rs) else None for rs in [r[:3] for r in refs]] for i in range(3)]
     ter = TER().corpus_score(hyps, ter_streams).score / 100
     return {
         "bleu": multi_bleu(three, hyps),
-        "meteor": meteor([rs[:meteor_refs] for rs in refs], hyps),
+        "meteor": meteor([rs[:3] for rs in refs], hyps),
         "ter": ter,
     }
