@@ -11,9 +11,22 @@ metric.
     python benchmarks/official_scores.py                 # score files not yet recorded (or changed)
     python benchmarks/official_scores.py --all           # re-score every file with the official scorer
     python benchmarks/official_scores.py --record-cases  # the official numbers of tests/e2e_cases.py
+    python benchmarks/official_scores.py --webnlg-dart EVALUATION_DIR
 
 Needs Java and Perl's XML::Twig (``apt-get install -y default-jre-headless libxml-twig-perl``); the
 official scorer takes about a minute per 630-MR file on a 2-core CPU.
+
+WebNLG 2017 and DART (``--webnlg-dart``): EVALUATION_DIR is the ``evaluation/`` folder of the public
+repository Yale-LILY/dart (commit bb644b1): ``run_eval_on_webnlg.sh`` (the WebNLG 2017 challenge's
+evaluation, as the Prefix-Tuning authors ran it) and ``run_eval_on_dart.sh``. Their BLEU
+(``multi-bleu.perl``), METEOR 1.5 and TER (tercom 0.7.25) steps are run exactly as those scripts
+run them, on the fixed system outputs that repository ships (``example/bart-large_webnlg-all.txt``,
+``example/bart-large_dart.txt``, copied to ``benchmarks/results/official/``), on the whole test set
+and on its first 300 entries (what the test suite recomputes with prefixtune in seconds). The
+METEOR jar is missing from that repository's snapshots; the pycocoevalcap 1.2 wheel's
+``meteor-1.5.jar`` and ``paraphrase-en.gz`` (the same release) stand in. The scripts' MoverScore,
+BERTScore and BLEURT steps need model downloads and are not run. Writes
+``benchmarks/results/official/webnlg_dart.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -145,11 +158,162 @@ def record_cases() -> dict:
     return {"benchmark": "official_scores", "cases": len(out)}
 
 
+OUTPUTS = {"webnlg": RESULTS / "official" / "bart-large_webnlg-all.txt", "dart": RESULTS / "official" / "bart-large_dart.txt"}
+WEBNLG_DART_RECORD = RESULTS / "official" / "webnlg_dart.json"
+REFERENCES = {
+    "webnlg": SHARED / "data" / "webnlg2017" / "test" / "testdata_with_lex.xml",
+    "dart": SHARED / "data" / "dart" / "v1.1.1" / "dart-v1.1.1-full-test.xml",
+}
+SUBSET = 300  # entries the test suite rescores (TER in Python takes minutes on a whole test set)
+
+
+def _venv_python() -> str:
+    """A private Python with the WebNLG evaluation's two dependencies (natsort, unidecode)."""
+    home = Path.home() / ".cache" / "prefixtune-official"
+    python = home / "venv" / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(home / "venv")], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "natsort", "unidecode"], check=True)
+    return str(python)
+
+
+def _keep_lines(path: Path, n: int | None, per_entry: int = 1) -> None:
+    if n is not None:
+        lines = path.read_text(encoding="utf-8").split("\n")
+        path.write_text("\n".join(lines[: n * per_entry]) + "\n", encoding="utf-8")
+
+
+def _keep_ids(path: Path, n: int | None, first_id: int) -> None:
+    """tercom's trans format: keep the lines of the first n ids (WebNLG counts from 1, DART from 0)."""
+    if n is not None:
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        keep = [x for x in lines if int(re.search(r"\(id(\d+)\)$", x).group(1)) < first_id + n]
+        path.write_text("\n".join(keep) + "\n", encoding="utf-8")
+
+
+def _three_steps(folder: Path, hyp: Path, refs: list[Path], meteor: tuple[Path, int], ter: tuple[Path, Path], lc: bool):
+    """multi-bleu.perl, METEOR 1.5 and tercom 0.7.25 as the official scripts call them."""
+    bleu_cmd = ["perl", str(folder / "multi-bleu.perl"), *(["-lc"] if lc else []), *map(str, refs)]
+    with hyp.open() as stdin:
+        bleu = subprocess.run(bleu_cmd, stdin=stdin, capture_output=True, text=True, check=True).stdout
+    jar = folder / "meteor-1.5" / "meteor-1.5.jar"
+    meteor_cmd = ["java", "-Xmx2G", "-jar", str(jar), str(hyp), str(meteor[0]), "-l", "en", "-norm", "-r", str(meteor[1])]
+    met = subprocess.run(meteor_cmd, cwd=jar.parent, capture_output=True, text=True, check=True).stdout
+    tercom = folder / "tercom-0.7.25" / "tercom.7.25.jar"
+    ter_cmd = ["java", "-jar", str(tercom), "-h", str(ter[0]), "-r", str(ter[1])]
+    ter_out = subprocess.run(ter_cmd, cwd=tercom.parent, capture_output=True, text=True, check=True).stdout
+    return {
+        "bleu": float(re.search(r"BLEU = ([0-9.]+)", bleu).group(1)) / 100,
+        "meteor": float(re.search(r"Final score:\s+([0-9.]+)", met).group(1)),
+        "ter": float(re.search(r"Total TER: ([0-9.]+)", ter_out).group(1)),
+    }
+
+
+def official_webnlg(evaluation: Path, output: Path, n: int | None) -> dict[str, float]:
+    """run_eval_on_webnlg.sh's all-categories BLEU, METEOR and TER, on the first n entries (all: None)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "evaluation"
+        shutil.copytree(evaluation, folder, ignore=shutil.ignore_patterns("bleurt", "dart_reference"))
+        _meteor_jar(folder)
+        web = folder / "webnlg-automatic-evaluation"
+        for sub in ("submissions", "teams", "eval", "references"):
+            (web / sub).mkdir(exist_ok=True)
+        shutil.copy(output, web / "submissions" / "team.txt")
+        subprocess.run([_venv_python(), "evaluation.py", "team"], cwd=web, capture_output=True, check=True)
+        refs = [web / "references" / f"gold-all-cat-reference{i}.lex" for i in range(3)]
+        hyp, ter_hyp = web / "teams" / "team_all-cat.txt", web / "teams" / "team_all-cat_ter.txt"
+        meteor_refs, ter_refs = web / "references" / "gold-all-cat-reference-3ref.meteor", web / "references" / "gold-all-cat-reference-3ref.ter"
+        for f in (*refs, hyp):
+            _keep_lines(f, n)
+        _keep_lines(meteor_refs, n, per_entry=3)
+        _keep_ids(ter_hyp, n, first_id=1)
+        _keep_ids(ter_refs, n, first_id=1)
+        return _three_steps(folder, hyp, refs, (meteor_refs, 3), (ter_hyp, ter_refs), lc=True)
+
+
+def official_dart(evaluation: Path, output: Path, n: int | None) -> dict[str, float]:
+    """run_eval_on_dart.sh's BLEU, METEOR and TER, on the first n entries (all: None)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "evaluation"
+        shutil.copytree(evaluation, folder, ignore=shutil.ignore_patterns("bleurt", "webnlg-automatic-evaluation"))
+        _meteor_jar(folder)
+        hyp = folder / "output.txt"
+        shutil.copy(output, hyp)
+        refs = [folder / "dart_reference" / f"all-delex-reference{i}.lex" for i in range(3)]
+        for f in (*refs, hyp):
+            _keep_lines(f, n)
+        subprocess.run([_venv_python(), "prepare_files.py", str(hyp), *map(str, refs)], cwd=folder, check=True)
+        meteor_refs = folder / "all-notdelex-refs-meteor.txt"
+        return _three_steps(
+            folder, hyp, refs, (meteor_refs, 8),
+            (folder / "relexicalised_predictions-ter.txt", folder / "all-notdelex-refs-ter.txt"), lc=False,
+        )
+
+
+def _meteor_jar(folder: Path) -> None:
+    """The METEOR 1.5 jar and English paraphrase table, from the pycocoevalcap wheel (missing from snapshots)."""
+    from prefixtune.metrics.coco import package_dir
+
+    target = folder / "meteor-1.5"
+    (target / "data").mkdir(parents=True, exist_ok=True)
+    if not (target / "meteor-1.5.jar").is_file():
+        shutil.copy(package_dir() / "meteor" / "meteor-1.5.jar", target / "meteor-1.5.jar")
+    if not (target / "data" / "paraphrase-en.gz").is_file():
+        shutil.copy(package_dir() / "meteor" / "data" / "paraphrase-en.gz", target / "data" / "paraphrase-en.gz")
+
+
+def prefixtune_webnlg_dart(task: str, n: int | None) -> dict[str, float]:
+    """prefixtune's scores of the fixed output on the first n scored items (all: None)."""
+    from prefixtune.data import load_examples
+    from prefixtune.evaluation import official_items
+    from prefixtune.metrics import evaluate
+
+    items = official_items(task, load_examples(task, REFERENCES[task], "test"))[:n]
+    outputs = OUTPUTS[task].read_text(encoding="utf-8").splitlines()[:n]
+    return evaluate(task, [refs for _, refs in items], [o.strip() for o in outputs])
+
+
+def record_webnlg_dart(evaluation: Path) -> dict:
+    from prefixtune.files import atomic_write, write_json
+
+    official = {"webnlg": official_webnlg, "dart": official_dart}
+    record = {}
+    for task in ("webnlg", "dart"):
+        for label, n in (("all", None), (f"first_{SUBSET}", SUBSET)):
+            print(f"{task} {label}: official scripts, then prefixtune", file=sys.stderr, flush=True)
+            record[f"{task}_{label}"] = {
+                "official": official[task](evaluation, OUTPUTS[task], n),
+                "prefixtune": prefixtune_webnlg_dart(task, n),
+            }
+            write_json(WEBNLG_DART_RECORD, record)
+    rows = [
+        "# prefixtune's WebNLG 2017 and DART metrics vs their official evaluation (benchmarks/official_scores.py)",
+        "",
+        "The fixed outputs are BART-large's, as shipped in Yale-LILY/dart's `evaluation/example/`. Official: the",
+        "BLEU/METEOR/TER steps of `run_eval_on_webnlg.sh` (all categories) and `run_eval_on_dart.sh`.",
+        "",
+        "| task | entries | BLEU official / ours | METEOR official / ours | TER official / ours |",
+        "|---|---|---|---|---|",
+    ]
+    for key, r in record.items():
+        o, p = r["official"], r["prefixtune"]
+        cells = [f"{o[k]:.4f} / {p[k]:.4f}" for k in ("bleu", "meteor", "ter")]
+        rows.append(f"| {key.split('_', 1)[0]} | {key.split('_', 1)[1].replace('_', ' ')} | " + " | ".join(cells) + " |")
+    text = "\n".join(rows) + "\n"
+    atomic_write(WEBNLG_DART_RECORD.with_suffix(".md"), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    worst = {k: max(abs(r["official"][k] - r["prefixtune"][k]) for r in record.values()) for k in ("bleu", "meteor", "ter")}
+    return {"benchmark": "official_scores_webnlg_dart", **{f"max_abs_diff_{k}": round(v, 6) for k, v in worst.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="re-score every file with the official scorer")
     ap.add_argument("--record-cases", action="store_true", help="record the official numbers of tests/e2e_cases.py")
+    ap.add_argument("--webnlg-dart", metavar="EVALUATION_DIR", help="Yale-LILY/dart's evaluation/ folder")
     args = ap.parse_args()
+    if args.webnlg_dart:
+        print(json.dumps(record_webnlg_dart(Path(args.webnlg_dart))))
+        return
     missing = scorer_missing()
     if missing:
         sys.exit(f"cannot run the official E2E scorer: {missing}")
