@@ -336,7 +336,9 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="override the preset's steps (smoke tests only)")
     ap.add_argument("--output", default=str(HERE / "results" / "lowdata"))
     ap.add_argument("--report", action="store_true", help="train nothing: score saved runs, write the table and plot")
-    ap.add_argument("--rescore", action="store_true", help="score every saved run's predictions again (a metric changed)")
+    ap.add_argument(
+        "--rescore", action="store_true", help="score every saved run's predictions again (a metric changed)"
+    )
     args = ap.parse_args()
     global MAX_STEPS
     MAX_STEPS = args.max_steps
@@ -420,6 +422,8 @@ def _report(root: Path, results: list[dict], systems: list[str]) -> dict:
         "| system | train size | subsets | BLEU | NIST | METEOR | ROUGE-L | CIDEr | best dev loss |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if not complete:
+        rows.append(f"| (no training size has a subset that {', '.join(systems)} all finished yet) |||||||||")
     stats = {}
     for size in sorted({size for size, _ in complete}):
         for system in systems:

@@ -118,8 +118,12 @@ def record_files(rescore_all: bool) -> dict:
     _table(record)
     worst = {k: max(differences(r["official"], r["prefixtune"])[k] for r in record.values()) for k in TOLERANCE}
     ok = all(within_tolerance(r["official"], r["prefixtune"]) for r in record.values())
-    return {"benchmark": "official_scores", "e2e_files": len(record), "all_within_tolerance": ok,
-            **{f"max_abs_diff_{k}": round(v, 6) for k, v in worst.items()}}
+    return {
+        "benchmark": "official_scores",
+        "e2e_files": len(record),
+        "all_within_tolerance": ok,
+        **{f"max_abs_diff_{k}": round(v, 6) for k, v in worst.items()},
+    }
 
 
 def _table(record: dict) -> None:
@@ -158,7 +162,10 @@ def record_cases() -> dict:
     return {"benchmark": "official_scores", "cases": len(out)}
 
 
-OUTPUTS = {"webnlg": RESULTS / "official" / "bart-large_webnlg-all.txt", "dart": RESULTS / "official" / "bart-large_dart.txt"}
+OUTPUTS = {
+    "webnlg": RESULTS / "official" / "bart-large_webnlg-all.txt",
+    "dart": RESULTS / "official" / "bart-large_dart.txt",
+}
 WEBNLG_DART_RECORD = RESULTS / "official" / "webnlg_dart.json"
 REFERENCES = {
     "webnlg": SHARED / "data" / "webnlg2017" / "test" / "testdata_with_lex.xml",
@@ -197,7 +204,19 @@ def _three_steps(folder: Path, hyp: Path, refs: list[Path], meteor: tuple[Path, 
     with hyp.open() as stdin:
         bleu = subprocess.run(bleu_cmd, stdin=stdin, capture_output=True, text=True, check=True).stdout
     jar = folder / "meteor-1.5" / "meteor-1.5.jar"
-    meteor_cmd = ["java", "-Xmx2G", "-jar", str(jar), str(hyp), str(meteor[0]), "-l", "en", "-norm", "-r", str(meteor[1])]
+    meteor_cmd = [
+        "java",
+        "-Xmx2G",
+        "-jar",
+        str(jar),
+        str(hyp),
+        str(meteor[0]),
+        "-l",
+        "en",
+        "-norm",
+        "-r",
+        str(meteor[1]),
+    ]
     met = subprocess.run(meteor_cmd, cwd=jar.parent, capture_output=True, text=True, check=True).stdout
     tercom = folder / "tercom-0.7.25" / "tercom.7.25.jar"
     ter_cmd = ["java", "-jar", str(tercom), "-h", str(ter[0]), "-r", str(ter[1])]
@@ -222,7 +241,10 @@ def official_webnlg(evaluation: Path, output: Path, n: int | None) -> dict[str, 
         subprocess.run([_venv_python(), "evaluation.py", "team"], cwd=web, capture_output=True, check=True)
         refs = [web / "references" / f"gold-all-cat-reference{i}.lex" for i in range(3)]
         hyp, ter_hyp = web / "teams" / "team_all-cat.txt", web / "teams" / "team_all-cat_ter.txt"
-        meteor_refs, ter_refs = web / "references" / "gold-all-cat-reference-3ref.meteor", web / "references" / "gold-all-cat-reference-3ref.ter"
+        meteor_refs, ter_refs = (
+            web / "references" / "gold-all-cat-reference-3ref.meteor",
+            web / "references" / "gold-all-cat-reference-3ref.ter",
+        )
         for f in (*refs, hyp):
             _keep_lines(f, n)
         _keep_lines(meteor_refs, n, per_entry=3)
@@ -245,8 +267,12 @@ def official_dart(evaluation: Path, output: Path, n: int | None) -> dict[str, fl
         subprocess.run([_venv_python(), "prepare_files.py", str(hyp), *map(str, refs)], cwd=folder, check=True)
         meteor_refs = folder / "all-notdelex-refs-meteor.txt"
         return _three_steps(
-            folder, hyp, refs, (meteor_refs, 8),
-            (folder / "relexicalised_predictions-ter.txt", folder / "all-notdelex-refs-ter.txt"), lc=False,
+            folder,
+            hyp,
+            refs,
+            (meteor_refs, 8),
+            (folder / "relexicalised_predictions-ter.txt", folder / "all-notdelex-refs-ter.txt"),
+            lc=False,
         )
 
 
@@ -298,10 +324,14 @@ def record_webnlg_dart(evaluation: Path) -> dict:
     for key, r in record.items():
         o, p = r["official"], r["prefixtune"]
         cells = [f"{o[k]:.4f} / {p[k]:.4f}" for k in ("bleu", "meteor", "ter")]
-        rows.append(f"| {key.split('_', 1)[0]} | {key.split('_', 1)[1].replace('_', ' ')} | " + " | ".join(cells) + " |")
+        rows.append(
+            f"| {key.split('_', 1)[0]} | {key.split('_', 1)[1].replace('_', ' ')} | " + " | ".join(cells) + " |"
+        )
     text = "\n".join(rows) + "\n"
     atomic_write(WEBNLG_DART_RECORD.with_suffix(".md"), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    worst = {k: max(abs(r["official"][k] - r["prefixtune"][k]) for r in record.values()) for k in ("bleu", "meteor", "ter")}
+    worst = {
+        k: max(abs(r["official"][k] - r["prefixtune"][k]) for r in record.values()) for k in ("bleu", "meteor", "ter")
+    }
     return {"benchmark": "official_scores_webnlg_dart", **{f"max_abs_diff_{k}": round(v, 6) for k, v in worst.items()}}
 
 

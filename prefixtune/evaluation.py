@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import group_references, load_examples
-from .formats import Example
 from .errors import PrefixTuneError
-from .formats import read_text
+from .formats import Example, read_text
 from .metrics import evaluate
 
 
@@ -60,9 +59,17 @@ def read_references(task: str, path: str | Path) -> tuple[list[tuple[str, list[s
 
 
 def align_predictions(
-    predictions: list[str], unique: list[tuple[str, list[str]]], items: list[tuple[str, list[str]]], where: str
+    predictions: list[str],
+    unique: list[tuple[str, list[str]]],
+    items: list[tuple[str, list[str]]],
+    where: str = "predictions",
+    references: str = "the references",
 ) -> list[str]:
-    """One prediction per scored item, from one per item or one per unique source (as ``generate`` writes)."""
+    """One prediction per scored item, from one per item or one per unique source (as ``generate`` writes).
+
+    Raises:
+        PrefixTuneError: Any other count, naming ``where`` (the predictions) and ``references``.
+    """
     if len(predictions) == len(items):
         return predictions
     if len(predictions) == len(unique):
@@ -70,7 +77,7 @@ def align_predictions(
         return [predictions[index[source]] for source, _ in items]
     per_item = f" or {len(items)} (one per entry, as the official DART evaluation)" if len(items) != len(unique) else ""
     raise PrefixTuneError(
-        f"{where}: {len(predictions)} predictions, but the references have {len(unique)} unique sources "
+        f"{where}: {len(predictions)} prediction lines, but {references} has {len(unique)} unique sources "
         f"(one line per unique source, in order of first appearance){per_item}"
     )
 
@@ -85,7 +92,7 @@ def evaluate_files(task: str, references: str | Path, predictions: str | Path) -
             "needs its reference column or texts (E2E: mr,ref)"
         )
     lines = [line.strip() for line in read_text(Path(predictions)).splitlines()]
-    hypotheses = align_predictions(lines, unique, items, f"{predictions}: against {references}")
+    hypotheses = align_predictions(lines, unique, items, str(predictions), str(references))
     return evaluate(task, [refs for _, refs in items], hypotheses)
 
 
@@ -113,5 +120,5 @@ def evaluate_model(
     predictions = decode_texts(model, tokenizer, sources, None, batch_size, decoding or {}, progress=progress)
     chosen = set(sources)
     items = [item for item in official_items(task, examples) if item[0] in chosen]
-    scored = align_predictions(predictions, groups, items, f"{task} {split}")
+    scored = align_predictions(predictions, groups, items, "decoded predictions", f"{task} {split}")
     return evaluate(task, [refs for _, refs in items], scored), predictions, sources

@@ -40,7 +40,10 @@ def cases(data: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
         # 1 to 5 references per MR and outputs that describe the next MR: few matches, uneven counts
         "uneven_references": ([r[: 1 + i % 5] for i, r in enumerate(refs)], [f[0] for f in following]),
         # some outputs empty, some a single word, the rest the last reference
-        "empty_and_tiny": (refs, ["" if i % 4 == 0 else r[0].split()[0] if i % 4 == 1 else r[-1] for i, r in enumerate(refs)]),
+        "empty_and_tiny": (
+            refs,
+            ["" if i % 4 == 0 else r[0].split()[0] if i % 4 == 1 else r[-1] for i, r in enumerate(refs)],
+        ),
         # case, punctuation, prices and ratings the tokenizer must split like the script
         "punctuation": (refs, [f"{r[0].upper()} -- Price: £20-25, rated 5/5 (3.5 out of 5)!" for r in refs]),
     }

@@ -119,5 +119,5 @@ def test_dart_is_scored_per_entry_like_its_official_evaluation(tmp_path):
     index = {source: i for i, (source, _) in enumerate(unique)}
     assert expanded == [f"output {index[source]}" for source, _ in items]
     assert align_predictions(expanded, unique, items, "test") == expanded
-    with pytest.raises(PrefixTuneError, match="4158 predictions.*4159 unique sources.*or 5097"):
+    with pytest.raises(PrefixTuneError, match="4158 prediction lines.*4159 unique sources.*or 5097"):
         align_predictions(per_unique[:-1], unique, items, "test")

@@ -25,8 +25,9 @@ def add_parsers(sub) -> None:
         help="score predictions with the task's official metrics",
         description="Score predictions (one line per unique source, in order of first appearance in the reference "
         "file) against references. E2E: BLEU, NIST, METEOR, ROUGE_L, CIDEr as the E2E scorer computes them; "
-        "WebNLG/DART: BLEU, METEOR, TER as their official evaluation; xsum/jsonl: ROUGE-1/2/L with stemming. "
-        "Scores are fractions (BLEU 0.6925), as the E2E scorer prints them.",
+        "WebNLG/DART: BLEU, METEOR, TER as their official evaluation (DART scores each entry of the release, so a "
+        "DART file may also have one line per entry, the official layout); xsum/jsonl: ROUGE-1/2/L with stemming. "
+        "Scores are fractions (BLEU 0.6925), as the E2E scorer prints them. TER takes minutes on large test sets.",
     )
     p.add_argument("--task", required=True, choices=sorted(METRICS), help="which metrics and reference format")
     p.add_argument(
@@ -35,7 +36,9 @@ def add_parsers(sub) -> None:
         help="reference file: the task's data file (E2E CSV or the metrics package's .txt, WebNLG/DART "
         "XML/JSON, .target or JSONL)",
     )
-    p.add_argument("--predictions", required=True, help="predictions file, one line per unique source")
+    p.add_argument(
+        "--predictions", required=True, help="predictions file, one line per unique source (DART: or per entry)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with lowercase keys")
     p.set_defaults(func=run)
 
