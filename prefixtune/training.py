@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .base import load_base
 from .compiling import compile_layers, uncompile_layers
-from .config import PrefixConfig
+from .config import DEV_SIZE, PrefixConfig
 from .data import Example, load_examples, subset
 from .errors import PrefixTuneError
 from .features import Formatter, collate, context_length
@@ -46,7 +47,9 @@ class TrainConfig:
         dev_data: Dev file; default the dev split next to the training data, if any.
         train_size: Train on a reproducible random subset of this many examples.
         subset_seed: Seed of that subset.
-        dev_size: Use at most this many dev examples (the first ones).
+        dev_size: Use at most this many dev examples (the first ones) for the dev loss after every
+            epoch; None for the whole dev split. The default (``config.DEV_SIZE``, 500) keeps each dev
+            evaluation to a few hundred forward passes whatever the dev split's size.
         epochs: Passes over the training data.
         max_steps: Stop after this many optimizer steps (overrides epochs).
         batch_size: Examples per optimizer step, over all processes (the global batch).
@@ -78,7 +81,7 @@ class TrainConfig:
     dev_data: str | None = None
     train_size: int | None = None
     subset_seed: int = 0
-    dev_size: int | None = None
+    dev_size: int | None = DEV_SIZE
     epochs: int = 5
     max_steps: int | None = None
     batch_size: int = 8
@@ -105,6 +108,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise PrefixTuneError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.dev_size is not None and self.dev_size < 1:
+            raise PrefixTuneError(f"dev_size must be ≥ 1 (None for the whole dev split), got {self.dev_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise PrefixTuneError(f"max_steps must be ≥ 1, got {self.max_steps}")
         if not self.lr > 0:
@@ -137,7 +142,8 @@ class TrainResult:
     model: PrefixTunedModel
 
 
-def _load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+def _load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example], int]:
+    """The training subset, the dev examples used for dev loss, and the dev split's full size."""
     train = subset(load_examples(cfg.task, cfg.data, "train"), cfg.train_size, cfg.subset_seed)
     if cfg.dev_data:
         dev = load_examples(cfg.task, cfg.dev_data, "dev")
@@ -150,7 +156,7 @@ def _load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
             dev = []  # the folder has no dev split
     else:
         dev = []
-    return train, dev[: cfg.dev_size] if cfg.dev_size else dev
+    return train, dev[: cfg.dev_size] if cfg.dev_size else dev, len(dev)
 
 
 def batches(num: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
@@ -176,12 +182,19 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def dev_loss(model: PrefixTunedModel, features, batch_size: int, pad_id: int, dist=None) -> float:
+def dev_loss(
+    model: PrefixTunedModel, features, batch_size: int, pad_id: int, dist=None, progress: bool = False
+) -> float:
     """Mean cross-entropy per target token over ``features`` (each process takes a share under torchrun)."""
     dist = dist or distributed.Dist()
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(features), batch_size):
+    starts = range(0, len(features), batch_size)
+    if progress and dist.is_main:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="dev loss", unit="batch", leave=False, dynamic_ncols=True)
+    for i in starts:
         mine = dist.shard(features[i : i + batch_size])
         # Every process runs every pass (FSDP's all-gathers are collective); a share-less one discards its pass.
         out = model(**_to(collate(mine or features[i : i + 1], pad_id), model.device), loss_only=True)
@@ -231,7 +244,7 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     if cfg.fsdp and not dist.enabled:
         raise PrefixTuneError("fsdp needs several processes: launch with torchrun or --nproc N")
     dtype = distributed.resolve_dtype(cfg.dtype, device)
-    train_examples, dev_examples = _load_splits(cfg)
+    train_examples, dev_examples, dev_available = _load_splits(cfg)
     model_obj, tokenizer = base or load_base(
         cfg.model, dtype=dtype, device=device, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None
     )
@@ -327,6 +340,8 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
             },
         )
 
+    if cfg.progress and dist.is_main:
+        _print_plan(cfg, len(train_features), len(dev_features), dev_available, steps_per_epoch, total_steps, step)
     bar = _progress(cfg.progress and dist.is_main, total_steps, step)
     model.train()
     loss_value, started, seen = float("nan"), time.perf_counter(), 0
@@ -368,7 +383,7 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
             if step % steps_per_epoch == 0 or step == total_steps:
                 if dev_features:
-                    loss_dev = dev_loss(model, dev_features, cfg.batch_size, pad_id, dist)
+                    loss_dev = dev_loss(model, dev_features, cfg.batch_size, pad_id, dist, progress=cfg.progress)
                     log.write({"event": "dev", "step": step, "epoch": epoch, "dev_loss": loss_dev})
                     if best is None or loss_dev < best:
                         best, best_step = loss_dev, step
@@ -424,6 +439,32 @@ def _accumulate(runner, device, passes: list[tuple[list, float]], pad_id: int, s
         if weight > 0:
             loss_sum += float(out.loss.detach()) * out.num_target_tokens
     return loss_sum
+
+
+def plan_text(cfg: TrainConfig, train: int, dev: int, dev_available: int, per_epoch: int, total: int, step: int) -> str:
+    """What a run will do, in one paragraph: examples, steps, epochs, dev evaluations."""
+    epochs = total / per_epoch
+    lines = [
+        f"train: {train:,} examples, {total:,} steps of {cfg.batch_size} "
+        f"({epochs:.3g} epoch{'s' if epochs != 1 else ''} of {per_epoch:,} steps)"
+    ]
+    if dev:
+        cut = f" (the first {dev:,} of {dev_available:,}; --dev-size sets how many, 'all' for every one)"
+        evaluations = math.ceil(total / per_epoch)
+        lines.append(
+            f"dev loss: {dev:,} examples{cut if dev < dev_available else ''}, "
+            f"after every epoch ({evaluations:,} time{'s' if evaluations != 1 else ''}, "
+            f"{math.ceil(dev / cfg.batch_size):,} batches each); the best on dev is kept"
+        )
+    else:
+        lines.append("dev loss: no dev examples; the last prefix is kept")
+    if step:
+        lines.append(f"resuming at step {step:,}")
+    return "\n".join(lines)
+
+
+def _print_plan(cfg: TrainConfig, *args) -> None:
+    print(plan_text(cfg, *args), file=sys.stderr, flush=True)
 
 
 def _progress(enabled: bool, total: int, initial: int):

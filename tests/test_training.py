@@ -1,6 +1,7 @@
 """Training (issue 2, points 9, 10, 16): loop, run directory, accumulation, kill -9 resume."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -176,3 +177,33 @@ def test_bf16_base_reaches_the_fp32_loss(tmp_path):
     first = [r["dev_loss"] for r in read_log(tmp_path / str(torch.float32)) if r["event"] == "dev"][0]
     assert losses[torch.float32] < first  # it learned something
     assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=0.02)
+
+
+def test_train_prints_its_plan_and_shows_dev_progress(tmp_path, capsys):
+    """A run says what it will do before it starts, and the dev evaluation has its own progress bar;
+    by default the dev loss uses the first 500 dev examples, not E2E's whole dev split (4,672 rows)."""
+    cfg = _cfg(tmp_path, train_size=16, epochs=1, batch_size=8, progress=True)
+    cfg.dev_size = TrainConfig.__dataclass_fields__["dev_size"].default
+    result = train(cfg, base=_base())
+    err = capsys.readouterr().err
+    assert "train: 16 examples, 2 steps of 8 (1 epoch of 2 steps)" in err
+    assert "dev loss: 500 examples (the first 500 of 4,672;" in err
+    assert "after every epoch (1 time, 63 batches each)" in err
+    assert re.search(r"dev loss: +\d+%.*/63 \[", err)  # the dev evaluation has its own bar (cleared when done)
+    start = next(r for r in read_log(result.output) if r["event"] == "start")
+    assert start["dev_examples"] == 500
+
+
+def test_dev_size_defaults_to_500_and_all_means_the_whole_split():
+    from prefixtune.cli import build_parser
+    from prefixtune.config import DEV_SIZE
+
+    assert DEV_SIZE == 500 and TrainConfig(output="x", data="y").dev_size == DEV_SIZE
+    parse = build_parser().parse_args
+    assert parse(["train", "--output", "x"]).dev_size == DEV_SIZE
+    assert parse(["train", "--output", "x", "--dev-size", "all"]).dev_size is None
+    assert parse(["train", "--output", "x", "--dev-size", "40"]).dev_size == 40
+    with pytest.raises(SystemExit):
+        parse(["train", "--output", "x", "--dev-size", "0"])
+    with pytest.raises(PrefixTuneError, match="dev_size must be ≥ 1"):
+        TrainConfig(output="x", data="y", dev_size=0)

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import DEV_SIZE
 from ..data import TASKS
 from ..errors import PrefixTuneError
 from ..presets import PRESETS, get_preset
@@ -13,6 +14,13 @@ from .common import add_decoding, add_device, cache_dir, data_path, decoding_opt
 
 # Built-in defaults, used when neither a flag nor the preset sets a value.
 DEFAULTS = {"lr": 5e-5, "epochs": 5, "batch_size": 8, "mid_dim": 512, "num_virtual_tokens": None, "init_text": None}
+
+
+def _dev_size(text: str) -> int | None:
+    """``--dev-size``: a positive count, or ``all`` for the whole dev split."""
+    if text.strip().lower() == "all":
+        return None
+    return positive(int)(text)
 
 
 def add_parsers(sub) -> None:
@@ -33,7 +41,11 @@ def add_parsers(sub) -> None:
     )
     g.add_argument("--subset-seed", type=int, default=0, help="seed of the --train-size subset (default: 0)")
     g.add_argument(
-        "--dev-size", type=positive(int), default=None, help="use only the first N dev examples for dev loss"
+        "--dev-size",
+        type=_dev_size,
+        default=DEV_SIZE,
+        metavar="N|all",
+        help=f"dev examples (the first N) for the dev loss after every epoch, or 'all' (default: {DEV_SIZE})",
     )
     g.add_argument("--output", required=True, help="run directory to create")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
