@@ -42,7 +42,7 @@ def _setup(args):
     model.load_prefix(args.prefix, name="default")
     model.eval()
     sources = list(dict.fromkeys(e.source for e in load_examples("e2e", args.data, "test")))[: args.limit]
-    fmt = Formatter(tok, False, context_length(base.config), model.prefixes["default"].num_tokens)
+    fmt = Formatter(tok, False, context_length(base.config), model.get_prefix("default").num_tokens)
     prompts = sorted((fmt.source_ids(s) for s in sources), key=len)
     return model, tok, fmt, prompts
 
@@ -115,7 +115,7 @@ def main() -> None:
         with torch.no_grad():
             return peft_model.generate(input_ids=ids, attention_mask=mask, num_beams=beams, do_sample=False, **opts)
 
-    flat = model.prefixes["default"].flat_state()["decoder"]  # (P, L, 2, kv_heads, D)
+    flat = model.get_prefix("default").flat_state()["decoder"]  # (P, L, 2, kv_heads, D)
 
     def hf_cache(ids, mask, beams=args.num_beams):
         from transformers import DynamicCache

@@ -110,7 +110,7 @@ def export_run(run, output, model_name: str | None = None, cache_dir: Path | Non
     model = PrefixTunedModel.wrap(base, prefix_config, tokenizer)
     if train_config.get("model"):
         model.base_name = train_config["model"]
-    model.prefixes["default"].load_state_dict(state["prefix"])
-    model.export("default")
+    model.get_prefix("default").load_state_dict(state["prefix"])
+    model.eject_mlp("default")
     model.save_prefix(output, name="default", metadata={"steps": state["step"], "exported_from": str(run)})
     return output

@@ -188,11 +188,4 @@ def load_prefix(model, path, name: str | None = None) -> Prefix:
     with torch.no_grad():
         for part_name, part in prefix.parts.items():
             part.flat.copy_(tensors[part_name])
-    prefix.to(model.device)
-    name = name or path.resolve().name
-    if name in model.prefixes:
-        del model.prefixes[name]
-    model.prefixes[name] = prefix
-    if model.active is None:
-        model.active = name
-    return prefix
+    return model.put_prefix(name or path.resolve().name, prefix)

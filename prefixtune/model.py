@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -23,12 +24,12 @@ from .geometry import read_geometry
 from .outputs import PrefixLMOutput, causal_loss, seq2seq_loss
 from .prefix import Prefix
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # whole name: fullmatch (a "$" would allow a final newline)
 
 
 def check_prefix_name(name: str) -> str:
     """A prefix name is also a folder name: letters, digits, ``_ - .``, no ``..``, no paths."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise PrefixTuneError(f"invalid prefix name {name!r}: use letters, digits, '_', '-', '.' (no paths)")
     return name
 
@@ -53,7 +54,7 @@ class PrefixTunedModel(nn.Module):
         base.eval()
         self.base = base
         self.tokenizer = tokenizer
-        self.prefixes = nn.ModuleDict()
+        self._prefixes = nn.ModuleDict()  # name -> Prefix; only through the methods below
         self.active: str | None = None
         self.base_fingerprint: str | None = None
         self.base_name: str = getattr(base.config, "_name_or_path", "") or base.config.model_type
@@ -116,24 +117,59 @@ class PrefixTunedModel(nn.Module):
             targets = self._activations(torch.tensor([ids], device=self.device), config.mode)
             for part_name, part in prefix.parts.items():
                 part.fit(targets[part_name].float())
-        self.prefixes[name] = prefix
+        return self.put_prefix(name, prefix)
+
+    # ------------------------------------------------------------------ the set of prefixes
+    def put_prefix(self, name: str, prefix: Prefix) -> Prefix:
+        """Hold a built prefix as ``name``, replacing one of that name; the first becomes active."""
+        check_prefix_name(name)
+        if name in self._prefixes:
+            del self._prefixes[name]
+        self._prefixes[name] = prefix.to(self.device)
         if self.active is None:
             self.active = name
         return prefix
 
     def remove_prefix(self, name: str) -> None:
-        self._prefix(name)
-        del self.prefixes[name]
+        """Drop prefix ``name`` (an error if there is none); another becomes active if it was."""
+        self.get_prefix(name)
+        del self._prefixes[name]
         if self.active == name:
-            self.active = next(iter(self.prefixes), None)
+            self.active = next(iter(self._prefixes), None)
+
+    def get_prefix(self, name: str | None = None) -> Prefix:
+        """Prefix ``name`` (default: the active one); an error naming the loaded ones if unknown."""
+        name = name or self.active
+        if name not in self._prefixes:
+            known = ", ".join(self._prefixes) or "none"
+            raise PrefixTuneError(f"unknown prefix {name!r} (loaded: {known})")
+        return self._prefixes[name]
+
+    def has_prefix(self, name: str) -> bool:
+        return name in self._prefixes
+
+    def prefix_names(self) -> list[str]:
+        """The names of the prefixes held, in the order they were added."""
+        return list(self._prefixes)
+
+    def resident_bytes(self, name: str | None = None) -> int:
+        """Memory held by prefix ``name``'s tensors (parameters and buffers), or by all prefixes if None."""
+        modules = [self.get_prefix(name)] if name is not None else list(self._prefixes.values())
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The prefix parameters that require grad (never a base parameter)."""
-        return [p for p in self.prefixes.parameters() if p.requires_grad]
+        return [p for p in self._prefixes.parameters() if p.requires_grad]
+
+    def eject_mlp(self, name: str | None = None) -> None:
+        """Eject the MLP of prefix ``name``: keep only the flat tensors it produces (§4.3); outputs are unchanged."""
+        self.get_prefix(name).eject()
 
     def export(self, name: str | None = None) -> None:
-        """Eject the MLP of prefix ``name``: keep only the flat tensors it produces (§4.3)."""
-        self._prefix(name).eject()
+        """Deprecated: the old name of :meth:`eject_mlp`."""
+        warnings.warn("PrefixTunedModel.export() is renamed eject_mlp()", DeprecationWarning, stacklevel=2)
+        self.eject_mlp(name)
 
     def save_prefix(self, path, name: str | None = None, metadata: dict | None = None) -> None:
         """Save prefix ``name`` (ejected) as a folder: prefix.safetensors + prefix_config.json."""
@@ -169,13 +205,6 @@ class PrefixTunedModel(nn.Module):
         }
 
     # ------------------------------------------------------------------ prefixes of a batch
-    def _prefix(self, name: str | None) -> Prefix:
-        name = name or self.active
-        if name not in self.prefixes:
-            known = ", ".join(self.prefixes) or "none"
-            raise PrefixTuneError(f"unknown prefix {name!r} (loaded: {known})")
-        return self.prefixes[name]
-
     def row_names(self, prefix: str | list[str] | None, batch: int) -> list[str]:
         """One prefix name per row from a name, a list of names, or None (the active prefix)."""
         if prefix is None or isinstance(prefix, str):
@@ -185,8 +214,8 @@ class PrefixTunedModel(nn.Module):
             if len(names) != batch:
                 raise PrefixTuneError(f"prefix list has {len(names)} names for a batch of {batch} rows")
         for n in set(names):
-            self._prefix(n)
-        modes = {self.prefixes[n].mode for n in names}
+            self.get_prefix(n)
+        modes = {self._prefixes[n].mode for n in names}
         if len(modes) > 1:
             raise PrefixTuneError("a batch cannot mix 'kv' and 'embedding' prefixes")
         return names
@@ -208,8 +237,8 @@ class PrefixTunedModel(nn.Module):
             return out
         names = self.row_names(prefix, batch)
         unique = list(dict.fromkeys(names))
-        tensors = {n: self.prefixes[n]() for n in unique}  # name → part → (P, ...)
-        if self.prefixes[unique[0]].mode == "embedding":
+        tensors = {n: self._prefixes[n]() for n in unique}  # name → part → (P, ...)
+        if self._prefixes[unique[0]].mode == "embedding":
             if not self.geometry.is_encoder_decoder:
                 tensors = {n: {"decoder": self._embedding_kv(t["embedding"])} for n, t in tensors.items()}
             else:
@@ -220,7 +249,7 @@ class PrefixTunedModel(nn.Module):
             rows, mask = injection.gather_rows({n: t[stack.name] for n, t in tensors.items()}, names)
             out[stack.name] = injection.StackPrefix(injection.split_layers(rows.to(self.dtype)), mask)
         if self.geometry.is_encoder_decoder and self.geometry.model_type not in _RELATIVE_DECODER_POSITIONS:
-            lengths = {self.prefixes[n].num_tokens for n in unique}
+            lengths = {self._prefixes[n].num_tokens for n in unique}
             if len(lengths) > 1:
                 raise PrefixTuneError(
                     f"{self.geometry.model_type} uses absolute decoder positions: prefixes of different lengths "

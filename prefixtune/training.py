@@ -260,7 +260,7 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     runner = distributed.wrap_ddp(model, model.device) if dist.enabled else model
     if cfg.model:
         model.base_name = cfg.model
-    prefix = model.prefixes[model.active]
+    prefix = model.get_prefix()
     fmt = Formatter(
         tokenizer, model.geometry.is_encoder_decoder, context_length(model_obj.config), prefix.num_tokens, cfg.truncate
     )

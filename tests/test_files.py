@@ -34,14 +34,14 @@ def _logits(model, name=None):
 def test_8d_eject_keeps_logits_and_save_load_round_trips_exactly(family, mode, tmp_path):
     model = _trained(family, mode)
     before = _logits(model)
-    model.export("default")
-    assert not any(part.reparameterized for part in model.prefixes["default"].parts.values())
+    model.eject_mlp("default")
+    assert not any(part.reparameterized for part in model.get_prefix("default").parts.values())
     torch.testing.assert_close(_logits(model), before, atol=1e-6, rtol=0)
     model.save_prefix(tmp_path / "p", name="default", metadata={"steps": 2})
     assert sorted(f.name for f in (tmp_path / "p").iterdir()) == sorted([CONFIG, WEIGHTS])
     fresh = PrefixTunedModel(model.base)
     loaded = fresh.load_prefix(tmp_path / "p", name="x")
-    for name, value in model.prefixes["default"].flat_state().items():
+    for name, value in model.get_prefix("default").flat_state().items():
         assert torch.equal(loaded.flat_state()[name], value)
     assert torch.equal(_logits(fresh, "x"), _logits(model))
     document = json.loads((tmp_path / "p" / CONFIG).read_text())
@@ -57,7 +57,7 @@ def test_saving_a_reparameterized_prefix_writes_only_the_flat_tensors(tmp_path):
 
     tensors = load_file(str(tmp_path / "p" / WEIGHTS))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {"decoder": (4, 2, 2, 2, 8)}
-    assert model.prefixes["default"].parts["decoder"].reparameterized  # saving does not eject the live model
+    assert model.get_prefix("default").parts["decoder"].reparameterized  # saving does not eject the live model
 
 
 def test_loading_onto_another_base_names_both(tmp_path):

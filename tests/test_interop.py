@@ -69,7 +69,7 @@ def test_export_peft_loads_in_peft_with_identical_logits(family, tmp_path):
     back = PrefixTunedModel(tiny_model(family))
     import_peft(back, tmp_path / "peft")
     assert torch.equal(
-        back.prefixes["default"].flat_state()["decoder"], ours.prefixes["default"].flat_state()["decoder"]
+        back.get_prefix("default").flat_state()["decoder"], ours.get_prefix("default").flat_state()["decoder"]
     )
 
 

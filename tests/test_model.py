@@ -131,7 +131,7 @@ def test_init_text_reproduces_the_frozen_activations_on_every_stack(family):
     base = tiny_model(family)
     model = PrefixTunedModel.wrap(base, PrefixConfig(init_text=WORDS), TOK)
     targets = model._activations(words_ids(), "kv")
-    produced = model.prefixes["default"]()
+    produced = model.get_prefix("default")()
     assert set(produced) == {"decoder", "encoder", "cross"}
     for name, value in produced.items():
         torch.testing.assert_close(value, targets[name], atol=1e-4, rtol=0)
@@ -213,7 +213,7 @@ def test_8e_training_step_changes_only_the_prefix(family, reparameterize):
     assert all(p.grad is None and not p.requires_grad for p in base.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(prefix_before, model.trainable_parameters()))
     trainable = sum(p.numel() for p in model.trainable_parameters())
-    assert trainable == count_parameters(model.prefixes["default"].config, model.geometry)
+    assert trainable == count_parameters(model.get_prefix("default").config, model.geometry)
     assert not base.training
 
 
@@ -314,7 +314,7 @@ def test_gradient_checkpointing_recomputes_layers_in_backward():
 def test_projected_prefix_is_cached_for_inference_and_refreshed_after_updates():
     torch.manual_seed(0)
     model = PrefixTunedModel.wrap(tiny_model("llama"), PrefixConfig(num_virtual_tokens=3, mid_dim=16))
-    prefix = model.prefixes["default"]
+    prefix = model.get_prefix("default")
     calls = []
     prefix.parts["decoder"].mlp.register_forward_hook(lambda *a: calls.append(1))
     model.eval()
@@ -334,3 +334,46 @@ def test_projected_prefix_is_cached_for_inference_and_refreshed_after_updates():
     with torch.no_grad():
         expected = prefix.parts["decoder"]()
     torch.testing.assert_close(prefix()["decoder"], expected, atol=0, rtol=0)
+
+
+def test_the_set_of_prefixes_has_a_small_public_api():
+    """add, put (replace), get, has, names, remove, resident bytes; the first added is active."""
+    torch.manual_seed(0)
+    model = PrefixTunedModel.wrap(tiny_model("llama"), PrefixConfig(num_virtual_tokens=3, mid_dim=16), name="a")
+    b = model.add_prefix("b", PrefixConfig(num_virtual_tokens=5, reparameterize=False))
+    assert model.prefix_names() == ["a", "b"] and model.active == "a"
+    assert model.get_prefix() is model.get_prefix("a") and model.get_prefix("b") is b
+    assert model.has_prefix("b") and not model.has_prefix("c")
+    g = model.geometry.stack("decoder")
+    flat_b = 5 * g.num_layers * 2 * g.num_kv_heads * g.head_dim * 4  # fp32 keys and values
+    assert model.resident_bytes("b") == flat_b
+    with_mlp = model.resident_bytes("a")
+    assert with_mlp > 3 * g.num_layers * 2 * g.num_kv_heads * g.head_dim * 4  # the MLP is held too
+    assert model.resident_bytes() == with_mlp + flat_b
+    model.eject_mlp("a")
+    assert model.resident_bytes("a") == 3 * g.num_layers * 2 * g.num_kv_heads * g.head_dim * 4
+    replacement = model.add_prefix("b", PrefixConfig(num_virtual_tokens=2, reparameterize=False))
+    assert model.get_prefix("b") is replacement and model.prefix_names() == ["a", "b"]
+    model.remove_prefix("a")
+    assert model.prefix_names() == ["b"] and model.active == "b"
+    with pytest.raises(PrefixTuneError, match=r"unknown prefix 'a' \(loaded: b\)"):
+        model.get_prefix("a")
+    with pytest.raises(PrefixTuneError, match="invalid prefix name"):
+        model.put_prefix("x\n", replacement)
+    with pytest.warns(DeprecationWarning, match="eject_mlp"):
+        model.export("b")
+
+
+def test_nothing_outside_the_model_touches_its_prefix_dict():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for folder in ("prefixtune", "benchmarks")
+        for path in (root / folder).rglob("*.py")
+        if path.name != "model.py" or path.parent.name != "prefixtune"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "._prefixes" in line or ".prefixes[" in line
+    ]
+    assert not offenders

@@ -1,8 +1,8 @@
 """Training (issue 2, points 9, 10, 16): loop, run directory, accumulation, kill -9 resume."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import time

@@ -56,7 +56,9 @@ def run(args) -> int:
     app = create_app(model, tokenizer, args.prefixes, settings)
     for name, reason in app.state.registry.load_all().items():
         print(f"prefixtune: refused prefix {name!r}: {reason}", file=sys.stderr)
-    print(f"prefixtune: serving {len(model.prefixes)} prefixes on http://{args.host}:{args.port}", file=sys.stderr)
+    print(
+        f"prefixtune: serving {len(model.prefix_names())} prefixes on http://{args.host}:{args.port}", file=sys.stderr
+    )
     uvicorn.run(
         app,
         host=args.host,

@@ -213,7 +213,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         return {"deleted": name}
 
     def _check_prefix(name: str, field: str) -> None:
-        if name not in model.prefixes:
+        if not model.has_prefix(name):
             raise ApiError(404, f"unknown prefix {name!r}", field)
 
     def _requests(prefix, texts, field, options, stop) -> list[tuple[EngineRequest, TextStream]]:

@@ -115,7 +115,7 @@ class Engine:
     # ------------------------------------------------------------------ public
     def submit(self, request: Request) -> Request:
         """Queue a request; callbacks report its tokens and end."""
-        if request.prefix not in self.model.prefixes:
+        if not self.model.has_prefix(request.prefix):
             raise PrefixTuneError(f"unknown prefix {request.prefix!r}")
         request.id = next(self._ids)
         if request.do_sample:
@@ -320,6 +320,6 @@ def _static_groups(requests: list[Request], model) -> list[list[Request]]:
     encoder-decoder models with absolute positions, the same prefix length."""
     groups: dict[tuple, list[Request]] = {}
     for r in requests:
-        key = (r.num_beams, r.max_new_tokens, r.min_new_tokens, model.prefixes[r.prefix].num_tokens)
+        key = (r.num_beams, r.max_new_tokens, r.min_new_tokens, model.get_prefix(r.prefix).num_tokens)
         groups.setdefault(key, []).append(r)
     return list(groups.values())

@@ -89,12 +89,12 @@ class PrefixRegistry:
         """Unload prefix ``name`` (its folder stays on disk)."""
         check_prefix_name(name)
         with self.lock:
-            if name not in self.model.prefixes:
+            if not self.model.has_prefix(name):
                 raise PrefixNotFound(f"unknown prefix {name!r}")
             self.model.remove_prefix(name)
 
     def describe(self, name: str) -> dict:
-        prefix = self.model.prefixes[name]
+        prefix = self.model.get_prefix(name)
         return {
             "name": name,
             "num_virtual_tokens": prefix.num_tokens,
@@ -103,4 +103,4 @@ class PrefixRegistry:
         }
 
     def names(self) -> list[str]:
-        return list(self.model.prefixes)
+        return self.model.prefix_names()

@@ -11,7 +11,7 @@ def prompt_ids(model, tokenizer, prefix: str, text: str) -> list[int]:
         tokenizer,
         model.geometry.is_encoder_decoder,
         context_length(model.base.config),
-        model.prefixes[prefix].num_tokens,
+        model.get_prefix(prefix).num_tokens,
     )
     return fmt.source_ids(text, "inputs")
 
