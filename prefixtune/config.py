@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 
 from .errors import PrefixTuneError
-
-# Dev examples (the first ones) whose loss is computed after every epoch, unless told otherwise: a
-# few hundred forward passes per evaluation whatever the dev split's size (E2E's has 4,672 rows).
-# TrainConfig and `prefixtune train --dev-size` both take it from here.
-DEV_SIZE = 500
 
 MODES = ("kv", "embedding")
 
@@ -63,3 +59,15 @@ class PrefixConfig:
         if unknown:
             raise PrefixTuneError(f"unknown prefix config field(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+def field_default(cls, name: str):
+    """The default of dataclass field ``name``: where the CLI takes its defaults from (one place each)."""
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if field is None:
+        raise KeyError(f"{cls.__name__} has no field {name!r}")
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")

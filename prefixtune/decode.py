@@ -53,7 +53,7 @@ def decode_texts(
     """Generate one output text per source, in order; batches sources of similar length together."""
     options = dict(options or {})
     names = [prefix or model.active] * len(sources) if prefix is None or isinstance(prefix, str) else list(prefix)
-    first = model._prefix(names[0] if names else None)
+    first = model.get_prefix(names[0] if names else None)
     fmt = Formatter(
         tokenizer, model.geometry.is_encoder_decoder, context_length(model.base.config), first.num_tokens, truncate
     )

@@ -99,7 +99,7 @@ def write_json(path: Path, data: dict) -> None:
 def save_prefix(model, path, name: str, metadata: dict | None = None) -> None:
     """Write prefix ``name`` of ``model`` as a folder (ejected), atomically per file."""
     path = Path(path)
-    prefix = model._prefix(name)
+    prefix = model.get_prefix(name)
     tensors = prefix.flat_state()
     config = prefix.config.to_dict()
     document = {

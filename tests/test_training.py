@@ -196,14 +196,34 @@ def test_train_prints_its_plan_and_shows_dev_progress(tmp_path, capsys):
 
 def test_dev_size_defaults_to_500_and_all_means_the_whole_split():
     from prefixtune.cli import build_parser
-    from prefixtune.config import DEV_SIZE
 
-    assert DEV_SIZE == 500 and TrainConfig(output="x", data="y").dev_size == DEV_SIZE
+    assert TrainConfig(output="x", data="y").dev_size == 500
     parse = build_parser().parse_args
-    assert parse(["train", "--output", "x"]).dev_size == DEV_SIZE
+    assert parse(["train", "--output", "x"]).dev_size == 500
     assert parse(["train", "--output", "x", "--dev-size", "all"]).dev_size is None
     assert parse(["train", "--output", "x", "--dev-size", "40"]).dev_size == 40
     with pytest.raises(SystemExit):
         parse(["train", "--output", "x", "--dev-size", "0"])
     with pytest.raises(PrefixTuneError, match="dev_size must be ≥ 1"):
         TrainConfig(output="x", data="y", dev_size=0)
+
+
+def test_the_train_cli_takes_its_defaults_from_the_config_dataclasses(monkeypatch):
+    """One place for each default: TrainConfig and PrefixConfig; the CLI reads them."""
+    import dataclasses
+
+    from prefixtune.cli import build_parser
+    from prefixtune.cli.train import resolve
+
+    args = build_parser().parse_args(["train", "--output", "x"])
+    cfg, prefix = TrainConfig(output="x", data="y"), PrefixConfig()
+    for name in ("subset_seed", "dev_size", "grad_accum", "warmup_steps", "weight_decay", "max_grad_norm", "seed"):
+        assert getattr(args, name) == getattr(cfg, name), name
+    assert (args.checkpoint_every, args.mode, args.dropout) == (cfg.checkpoint_every, prefix.mode, prefix.dropout)
+    values = resolve(args)  # no flag, no preset: the dataclasses' values
+    assert (values["lr"], values["epochs"], values["batch_size"]) == (cfg.lr, cfg.epochs, cfg.batch_size)
+    assert values["mid_dim"] == prefix.mid_dim
+    # change a dataclass default and the CLI follows
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    monkeypatch.setattr(fields["seed"], "default", 7)
+    assert build_parser().parse_args(["train", "--output", "x"]).seed == 7

@@ -6,14 +6,31 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import DEV_SIZE
+from ..config import PrefixConfig, field_default
 from ..data import TASKS
 from ..errors import PrefixTuneError
 from ..presets import PRESETS, get_preset
+from ..training import TrainConfig
 from .common import add_decoding, add_device, cache_dir, data_path, decoding_options, positive
 
-# Built-in defaults, used when neither a flag nor the preset sets a value.
-DEFAULTS = {"lr": 5e-5, "epochs": 5, "batch_size": 8, "mid_dim": 512, "num_virtual_tokens": None, "init_text": None}
+
+def _train(name: str):
+    return field_default(TrainConfig, name)
+
+
+def _prefix(name: str):
+    return field_default(PrefixConfig, name)
+
+
+# Settings a preset can give: used when neither a flag nor the preset sets one (from the config dataclasses).
+DEFAULTS = {
+    "lr": _train("lr"),
+    "epochs": _train("epochs"),
+    "batch_size": _train("batch_size"),
+    "mid_dim": _prefix("mid_dim"),
+    "num_virtual_tokens": _prefix("num_virtual_tokens"),
+    "init_text": _prefix("init_text"),
+}
 
 
 def _dev_size(text: str) -> int | None:
@@ -39,35 +56,75 @@ def add_parsers(sub) -> None:
     g.add_argument(
         "--train-size", type=positive(int), default=None, help="train on a reproducible subset of N examples"
     )
-    g.add_argument("--subset-seed", type=int, default=0, help="seed of the --train-size subset (default: 0)")
+    g.add_argument(
+        "--subset-seed",
+        type=int,
+        default=_train("subset_seed"),
+        help="seed of the --train-size subset (default: %(default)s)",
+    )
     g.add_argument(
         "--dev-size",
         type=_dev_size,
-        default=DEV_SIZE,
+        default=_train("dev_size"),
         metavar="N|all",
-        help=f"dev examples (the first N) for the dev loss after every epoch, or 'all' (default: {DEV_SIZE})",
+        help="dev examples (the first N) for the dev loss after every epoch, or 'all' (default: %(default)s)",
     )
     g.add_argument("--output", required=True, help="run directory to create")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     g.add_argument("--truncate", action="store_true", help="cut sources longer than the context instead of failing")
     s = p.add_argument_group("schedule")
     s.add_argument("--preset", default=None, choices=sorted(PRESETS), help="the paper's settings for a task")
-    s.add_argument("--epochs", type=positive(int), default=None, help="passes over the data (default: preset, else 5)")
+    s.add_argument(
+        "--epochs",
+        type=positive(int),
+        default=None,
+        help=f"passes over the data (default: preset, else {DEFAULTS['epochs']})",
+    )
     s.add_argument(
         "--max-steps", type=positive(int), default=None, help="stop after N optimizer steps (overrides epochs)"
     )
-    s.add_argument("--batch-size", type=positive(int), default=None, help="examples per step (default: preset, else 8)")
     s.add_argument(
-        "--grad-accum", type=positive(int), default=1, help="micro-batches per step, saves memory (default: 1)"
+        "--batch-size",
+        type=positive(int),
+        default=None,
+        help=f"examples per step (default: preset, else {DEFAULTS['batch_size']})",
     )
     s.add_argument(
-        "--lr", type=positive(float), default=None, help="peak AdamW learning rate (default: preset, else 5e-5)"
+        "--grad-accum",
+        type=positive(int),
+        default=_train("grad_accum"),
+        help="micro-batches per step, saves memory (default: %(default)s)",
     )
-    s.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps, then linear decay (default: 0)")
-    s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    s.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 disables (default: 1.0)")
-    s.add_argument("--seed", type=int, default=42, help="seed of initialization and data order (default: 42)")
-    s.add_argument("--checkpoint-every", type=positive(int), default=50, help="checkpoint every N steps (default: 50)")
+    s.add_argument(
+        "--lr",
+        type=positive(float),
+        default=None,
+        help=f"peak AdamW learning rate (default: preset, else {DEFAULTS['lr']})",
+    )
+    s.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=_train("warmup_steps"),
+        help="linear warmup steps, then linear decay (default: %(default)s)",
+    )
+    s.add_argument(
+        "--weight-decay", type=float, default=_train("weight_decay"), help="AdamW weight decay (default: %(default)s)"
+    )
+    s.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=_train("max_grad_norm"),
+        help="gradient clipping norm, 0 disables (default: %(default)s)",
+    )
+    s.add_argument(
+        "--seed", type=int, default=_train("seed"), help="seed of initialization and data order (default: %(default)s)"
+    )
+    s.add_argument(
+        "--checkpoint-every",
+        type=positive(int),
+        default=_train("checkpoint_every"),
+        help="checkpoint every N steps (default: %(default)s)",
+    )
     add_device(s)
     d = p.add_argument_group("multi-process (PyTorch distributed)")
     d.add_argument(
@@ -109,13 +166,23 @@ def add_parsers(sub) -> None:
     x.add_argument("--init-text", default=None, help='initialize from real words\' activations, e.g. "table-to-text:"')
     x.add_argument(
         "--mode",
-        default="kv",
+        default=_prefix("mode"),
         choices=["kv", "embedding"],
-        help="kv: keys/values at every layer; embedding: input embeddings only (default: kv)",
+        help="kv: keys/values at every layer; embedding: input embeddings only (default: %(default)s)",
     )
     x.add_argument("--no-reparameterize", action="store_true", help="train the prefix directly, without the MLP")
-    x.add_argument("--mid-dim", type=positive(int), default=None, help="MLP hidden width (default: preset, else 512)")
-    x.add_argument("--dropout", type=float, default=0.0, help="dropout on the prefix while training (default: 0)")
+    x.add_argument(
+        "--mid-dim",
+        type=positive(int),
+        default=None,
+        help=f"MLP hidden width (default: preset, else {DEFAULTS['mid_dim']})",
+    )
+    x.add_argument(
+        "--dropout",
+        type=float,
+        default=_prefix("dropout"),
+        help="dropout on the prefix while training (default: %(default)s)",
+    )
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", action="store_true", help="decode dev at the end and write metrics.json")
     e.add_argument("--eval-size", type=positive(int), default=None, help="decode only the first N unique dev sources")
