@@ -232,6 +232,11 @@ class _NoLog:
 def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult:
     """Train a prefix and write the run directory.
 
+    The run goes through four named phases (methods of :class:`_Run`): ``setup`` (data, model,
+    optimizer, the run directory, a resumed state), ``step`` (one optimizer step), ``evaluate``
+    (dev loss after an epoch; the best prefix is saved) and ``checkpoint`` (everything a resume
+    needs); ``finish`` writes what is left.
+
     Args:
         config: A :class:`TrainConfig`; or pass its fields as keyword arguments.
         base: Optional ``(model, tokenizer)`` already loaded, instead of ``config.model``.
@@ -239,173 +244,218 @@ def train(config: TrainConfig | None = None, base=None, **kwargs) -> TrainResult
     Returns:
         A :class:`TrainResult`.
     """
-    cfg = config or TrainConfig(**kwargs)
-    dist, device = distributed.init(cfg.device)
-    if cfg.fsdp and not dist.enabled:
-        raise PrefixTuneError("fsdp needs several processes: launch with torchrun or --nproc N")
-    dtype = distributed.resolve_dtype(cfg.dtype, device)
-    train_examples, dev_examples, dev_available = _load_splits(cfg)
-    model_obj, tokenizer = base or load_base(
-        cfg.model, dtype=dtype, device=device, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None
-    )
-    torch.manual_seed(cfg.seed)
-    model = PrefixTunedModel.wrap(model_obj, cfg.prefix, tokenizer)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.compile:
-        compile_layers(model)
-    if cfg.fsdp:
-        base_fingerprint(model)  # computed once now: rank 0 alone could not read the sharded weights later
-        distributed.shard_base(model)
-    runner = distributed.wrap_ddp(model, model.device) if dist.enabled else model
-    if cfg.model:
-        model.base_name = cfg.model
-    prefix = model.get_prefix()
-    fmt = Formatter(
-        tokenizer, model.geometry.is_encoder_decoder, context_length(model_obj.config), prefix.num_tokens, cfg.truncate
-    )
-    train_features = [fmt.encode(e) for e in train_examples]
-    dev_features = [fmt.encode(e) for e in dev_examples]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos
-    run_dir, state = _prepare_run_dir(cfg, dist)  # only once the inputs are known to be good
+    run = _Run.setup(config or TrainConfig(**kwargs), base)
+    while run.step_count < run.total_steps:
+        epoch, offset = divmod(run.step_count, run.steps_per_epoch)
+        for indices in batches(len(run.train_features), run.cfg.batch_size, run.cfg.seed, epoch, run.lengths)[offset:]:
+            run.step(indices, epoch)
+            if run.step_count % run.steps_per_epoch == 0 or run.step_count == run.total_steps:
+                run.evaluate(epoch)
+                run.checkpoint()
+            elif run.step_count % run.cfg.checkpoint_every == 0:
+                run.checkpoint()
+            if run.step_count >= run.total_steps:
+                break
+    return run.finish()
 
-    steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
-    lengths = (
-        [len(f.input_ids) + (len(f.labels) if f.decoder else 0) for f in train_features]
-        if cfg.group_by_length
-        else None
-    )
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)  # fp16 needs loss scaling
-    step, best, best_step = 0, None, None
-    if state is not None:
-        prefix.load_state_dict(state["prefix"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        step, best, best_step = state["step"], state["best_dev_loss"], state["best_step"]
-    if dist.is_main:
-        write_json(run_dir / "train_config.json", {**cfg.to_dict(), "world_size": dist.world_size})
-        log = ckpt.RunLog(run_dir, keep_until_step=step if state is not None else None)
-    else:
-        log = _NoLog()
-    log.write(
-        {
-            "event": "start",
-            "step": step,
-            "train_examples": len(train_features),
-            "dev_examples": len(dev_features),
-            "total_steps": total_steps,
-            "trainable_parameters": sum(p.numel() for p in params),
-            "world_size": dist.world_size,
-            "base_parameters_here": distributed.local_numel(model.base),  # ~1/N of the base under FSDP
-            "resumed": state is not None,
-        }
-    )
 
-    def metadata() -> dict:
-        return {
-            "task": cfg.task,
-            "data": str(cfg.data),
-            "train_examples": len(train_features),
-            "steps": step,
-            "lr": cfg.lr,
-            "batch_size": cfg.batch_size,
-            "seed": cfg.seed,
-            "dtype": dtype,
-            "best_dev_loss": best,
-            "best_step": best_step,
-            "init_text": cfg.prefix.init_text,
-        }
+class _Run:
+    """The state of one training run, and its phases."""
 
-    def checkpoint() -> None:
-        if not dist.is_main:
+    @classmethod
+    def setup(cls, cfg: TrainConfig, base=None) -> _Run:
+        """Data, model, optimizer and run directory; the saved state when resuming; the plan printed."""
+        run = cls()
+        run.cfg = cfg
+        run.dist, device = distributed.init(cfg.device)
+        if cfg.fsdp and not run.dist.enabled:
+            raise PrefixTuneError("fsdp needs several processes: launch with torchrun or --nproc N")
+        run.dtype = distributed.resolve_dtype(cfg.dtype, device)
+        train_examples, dev_examples, dev_available = _load_splits(cfg)
+        model_obj, tokenizer = base or load_base(
+            cfg.model, dtype=run.dtype, device=device, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None
+        )
+        torch.manual_seed(cfg.seed)
+        model = PrefixTunedModel.wrap(model_obj, cfg.prefix, tokenizer)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if cfg.compile:
+            compile_layers(model)
+        if cfg.fsdp:
+            base_fingerprint(model)  # computed once now: rank 0 alone could not read the sharded weights later
+            distributed.shard_base(model)
+        run.model = model
+        run.runner = distributed.wrap_ddp(model, model.device) if run.dist.enabled else model
+        if cfg.model:
+            model.base_name = cfg.model
+        run.prefix = model.get_prefix()
+        fmt = Formatter(
+            tokenizer,
+            model.geometry.is_encoder_decoder,
+            context_length(model_obj.config),
+            run.prefix.num_tokens,
+            cfg.truncate,
+        )
+        run.train_features = [fmt.encode(e) for e in train_examples]
+        run.dev_features = [fmt.encode(e) for e in dev_examples]
+        run.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos
+        run.run_dir, state = _prepare_run_dir(cfg, run.dist)  # only once the inputs are known to be good
+
+        run.steps_per_epoch = math.ceil(len(run.train_features) / cfg.batch_size)
+        run.lengths = (
+            [len(f.input_ids) + (len(f.labels) if f.decoder else 0) for f in run.train_features]
+            if cfg.group_by_length
+            else None
+        )
+        run.total_steps = cfg.max_steps or cfg.epochs * run.steps_per_epoch
+        run.params = model.trainable_parameters()
+        run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        run.scheduler = get_linear_schedule_with_warmup(run.optimizer, cfg.warmup_steps, run.total_steps)
+        # fp16 needs loss scaling
+        run.scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)
+        run.step_count, run.best, run.best_step = 0, None, None
+        if state is not None:
+            run.prefix.load_state_dict(state["prefix"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.scheduler.load_state_dict(state["scheduler"])
+            if "scaler" in state:
+                run.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"])
+            run.step_count, run.best, run.best_step = state["step"], state["best_dev_loss"], state["best_step"]
+        if run.dist.is_main:
+            write_json(run.run_dir / "train_config.json", {**cfg.to_dict(), "world_size": run.dist.world_size})
+            run.log = ckpt.RunLog(run.run_dir, keep_until_step=run.step_count if state is not None else None)
+        else:
+            run.log = _NoLog()
+        run.log.write(
+            {
+                "event": "start",
+                "step": run.step_count,
+                "train_examples": len(run.train_features),
+                "dev_examples": len(run.dev_features),
+                "total_steps": run.total_steps,
+                "trainable_parameters": sum(p.numel() for p in run.params),
+                "world_size": run.dist.world_size,
+                "base_parameters_here": distributed.local_numel(model.base),  # ~1/N of the base under FSDP
+                "resumed": state is not None,
+            }
+        )
+        shown = cfg.progress and run.dist.is_main
+        if shown:
+            counts = (len(run.train_features), len(run.dev_features), dev_available)
+            _print_plan(cfg, *counts, run.steps_per_epoch, run.total_steps, run.step_count)
+        run.bar = _progress(shown, run.total_steps, run.step_count)
+        model.train()
+        run.loss_value, run.started, run.seen = float("nan"), time.perf_counter(), 0
+        run.micro = math.ceil(math.ceil(cfg.batch_size / run.dist.world_size) / cfg.grad_accum)  # per process
+        return run
+
+    def step(self, indices: list[int], epoch: int) -> float:
+        """One optimizer step on the examples ``indices`` (the global batch); returns its loss."""
+        batch = [self.train_features[i] for i in indices]
+        targets = sum(sum(t != -100 for t in f.labels) for f in batch)  # of the global batch
+        self.optimizer.zero_grad(set_to_none=True)
+        passes = _passes(batch, self.dist, self.micro, targets)
+        loss_sum = _accumulate(self.runner, self.model.device, passes, self.pad_id, self.scaler, self.dist.enabled)
+        loss_sum = self.dist.sum([loss_sum], self.model.device)[0]
+        if self.cfg.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step_count += 1
+        self.loss_value = loss_sum / targets
+        tokens = sum(len(f.input_ids) + (len(f.labels) if f.decoder else 0) for f in batch)
+        self.seen += tokens
+        rate = self.seen / (time.perf_counter() - self.started)
+        self.log.write(
+            {
+                "event": "step",
+                "step": self.step_count,
+                "epoch": epoch,
+                "loss": self.loss_value,
+                "lr": self.scheduler.get_last_lr()[0],
+                "target_tokens": targets,
+                "tokens": tokens,
+                "tokens_per_s": rate,
+            }
+        )
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{self.loss_value:.3f}", tok_s=f"{rate:.0f}")
+        return self.loss_value
+
+    def evaluate(self, epoch: int) -> float | None:
+        """Dev loss (None without dev examples); a new best is saved as the run's prefix."""
+        if not self.dev_features:
+            return None
+        loss_dev = dev_loss(
+            self.model, self.dev_features, self.cfg.batch_size, self.pad_id, self.dist, self.cfg.progress
+        )
+        self.log.write({"event": "dev", "step": self.step_count, "epoch": epoch, "dev_loss": loss_dev})
+        if self.best is None or loss_dev < self.best:
+            self.best, self.best_step = loss_dev, self.step_count
+            if self.dist.is_main:
+                self.model.save_prefix(self.run_dir, metadata=self.metadata())
+        return loss_dev
+
+    def checkpoint(self) -> None:
+        """Everything a resume needs: prefix, optimizer, schedule, loss scaler, RNG, step, best so far."""
+        if not self.dist.is_main:
             return
         ckpt.save_checkpoint(
-            run_dir,
+            self.run_dir,
             {
-                "prefix": prefix.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                "prefix": self.prefix.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "rng": torch.get_rng_state(),
-                "step": step,
-                "best_dev_loss": best,
-                "best_step": best_step,
+                "step": self.step_count,
+                "best_dev_loss": self.best,
+                "best_step": self.best_step,
             },
         )
 
-    if cfg.progress and dist.is_main:
-        _print_plan(cfg, len(train_features), len(dev_features), dev_available, steps_per_epoch, total_steps, step)
-    bar = _progress(cfg.progress and dist.is_main, total_steps, step)
-    model.train()
-    loss_value, started, seen = float("nan"), time.perf_counter(), 0
-    micro = math.ceil(math.ceil(cfg.batch_size / dist.world_size) / cfg.grad_accum)  # per process
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        for indices in batches(len(train_features), cfg.batch_size, cfg.seed, epoch, lengths)[offset:]:
-            batch = [train_features[i] for i in indices]
-            targets = sum(sum(t != -100 for t in f.labels) for f in batch)  # of the global batch
-            optimizer.zero_grad(set_to_none=True)
-            passes = _passes(batch, dist, micro, targets)
-            loss_sum = _accumulate(runner, model.device, passes, pad_id, scaler, dist.enabled)
-            loss_sum = dist.sum([loss_sum], model.device)[0]
-            if cfg.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            loss_value = loss_sum / targets
-            tokens = sum(len(f.input_ids) + (len(f.labels) if f.decoder else 0) for f in batch)
-            seen += tokens
-            rate = seen / (time.perf_counter() - started)
-            log.write(
-                {
-                    "event": "step",
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "target_tokens": targets,
-                    "tokens": tokens,
-                    "tokens_per_s": rate,
-                }
-            )
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
-            if step % steps_per_epoch == 0 or step == total_steps:
-                if dev_features:
-                    loss_dev = dev_loss(model, dev_features, cfg.batch_size, pad_id, dist, progress=cfg.progress)
-                    log.write({"event": "dev", "step": step, "epoch": epoch, "dev_loss": loss_dev})
-                    if best is None or loss_dev < best:
-                        best, best_step = loss_dev, step
-                        if dist.is_main:
-                            model.save_prefix(run_dir, metadata=metadata())
-                checkpoint()
-            elif step % cfg.checkpoint_every == 0:
-                checkpoint()
-            if step >= total_steps:
-                break
-    if bar is not None:
-        bar.close()
-    if not dev_features and dist.is_main:
-        model.save_prefix(run_dir, metadata=metadata())
-    log.write({"event": "end", "step": step, "loss": loss_value, "best_dev_loss": best, "best_step": best_step})
-    log.close()
-    if dist.is_main:
-        ckpt.plot_losses(run_dir, log.records)
-    dist.barrier()  # the run directory is complete for every process
-    if cfg.compile:
-        uncompile_layers(model)
-    return TrainResult(run_dir, step, loss_value, best, best_step, model)
+    def metadata(self) -> dict:
+        cfg = self.cfg
+        return {
+            "task": cfg.task,
+            "data": str(cfg.data),
+            "train_examples": len(self.train_features),
+            "steps": self.step_count,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "dtype": self.dtype,
+            "best_dev_loss": self.best,
+            "best_step": self.best_step,
+            "init_text": cfg.prefix.init_text,
+        }
+
+    def finish(self) -> TrainResult:
+        """The last prefix when there was no dev data, the log's end, the loss plot; the result."""
+        if self.bar is not None:
+            self.bar.close()
+        if not self.dev_features and self.dist.is_main:
+            self.model.save_prefix(self.run_dir, metadata=self.metadata())
+        self.log.write(
+            {
+                "event": "end",
+                "step": self.step_count,
+                "loss": self.loss_value,
+                "best_dev_loss": self.best,
+                "best_step": self.best_step,
+            }
+        )
+        self.log.close()
+        if self.dist.is_main:
+            ckpt.plot_losses(self.run_dir, self.log.records)
+        self.dist.barrier()  # the run directory is complete for every process
+        if self.cfg.compile:
+            uncompile_layers(self.model)
+        return TrainResult(self.run_dir, self.step_count, self.loss_value, self.best, self.best_step, self.model)
 
 
 def _passes(batch: list, dist, micro: int, targets: int) -> list[tuple[list, float]]:
