@@ -1,5 +1,7 @@
 """Metrics equal to the official scorers (issue 3, point 5)."""
 
+import subprocess
+
 import pytest
 from paths import E2E
 from sacrebleu.metrics import BLEU, TER
@@ -84,6 +86,22 @@ def test_webnlg_normalization_and_multi_bleu():
 
 def test_ter_counts_edits_over_reference_length():
     assert abs(TER().corpus_score(["a b c d"], [["a b x d"]]).score / 100 - 0.25) < 1e-9
+
+
+def test_ter_in_worker_processes_equals_one_call(monkeypatch):
+    """Long inputs are scored in parallel chunks; the summed statistics give sacrebleu's own corpus TER."""
+    from prefixtune.metrics import webnlg
+
+    groups = group_references(load_examples("e2e", E2E, "dev"))[:90]
+    hyps = [webnlg.normalize(refs[-1]) + (" extra words" if i % 3 else "") for i, (_, refs) in enumerate(groups)]
+    refs = [[webnlg.normalize(r) for r in rs[:3]] for _, rs in groups]  # 1 to 3 references each
+    streams = [[rs[i] if i < len(rs) else None for rs in refs] for i in range(3)]
+    expected = TER().corpus_score(hyps, streams).score / 100
+    monkeypatch.setattr(webnlg, "PARALLEL_TER_SEGMENTS", 20)
+    calls, popen = [], subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: calls.append(a) or popen(*a, **k))
+    assert webnlg.ter(hyps, refs, workers=3) == pytest.approx(expected, abs=1e-12)
+    assert len(calls) == 3  # three worker processes did the work
 
 
 @pytest.mark.parametrize(
