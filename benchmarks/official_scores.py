@@ -231,9 +231,7 @@ def _three_steps(folder: Path, hyp: Path, refs: list[Path], meteor: tuple[Path, 
 def official_webnlg(evaluation: Path, output: Path, n: int | None) -> dict[str, float]:
     """run_eval_on_webnlg.sh's all-categories BLEU, METEOR and TER, on the first n entries (all: None)."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "evaluation"
-        shutil.copytree(evaluation, folder, ignore=shutil.ignore_patterns("bleurt", "dart_reference"))
-        _meteor_jar(folder)
+        folder = _working_copy(evaluation, Path(tmp), skip="dart_reference")
         web = folder / "webnlg-automatic-evaluation"
         for sub in ("submissions", "teams", "eval", "references"):
             (web / sub).mkdir(exist_ok=True)
@@ -256,9 +254,7 @@ def official_webnlg(evaluation: Path, output: Path, n: int | None) -> dict[str, 
 def official_dart(evaluation: Path, output: Path, n: int | None) -> dict[str, float]:
     """run_eval_on_dart.sh's BLEU, METEOR and TER, on the first n entries (all: None)."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "evaluation"
-        shutil.copytree(evaluation, folder, ignore=shutil.ignore_patterns("bleurt", "webnlg-automatic-evaluation"))
-        _meteor_jar(folder)
+        folder = _working_copy(evaluation, Path(tmp), skip="webnlg-automatic-evaluation")
         hyp = folder / "output.txt"
         shutil.copy(output, hyp)
         refs = [folder / "dart_reference" / f"all-delex-reference{i}.lex" for i in range(3)]
@@ -276,16 +272,22 @@ def official_dart(evaluation: Path, output: Path, n: int | None) -> dict[str, fl
         )
 
 
-def _meteor_jar(folder: Path) -> None:
-    """The METEOR 1.5 jar and English paraphrase table, from the pycocoevalcap wheel (missing from snapshots)."""
+def _working_copy(evaluation: Path, tmp: Path, skip: str) -> Path:
+    """A scratch copy of the evaluation folder (the scripts write beside themselves), with METEOR's jar.
+
+    The METEOR 1.5 jar and English paraphrase table come from the pycocoevalcap wheel (missing from snapshots).
+    """
     from prefixtune.metrics.coco import package_dir
 
+    folder = tmp / "evaluation"
+    shutil.copytree(evaluation, folder, ignore=shutil.ignore_patterns("bleurt", skip))
     target = folder / "meteor-1.5"
     (target / "data").mkdir(parents=True, exist_ok=True)
     if not (target / "meteor-1.5.jar").is_file():
         shutil.copy(package_dir() / "meteor" / "meteor-1.5.jar", target / "meteor-1.5.jar")
     if not (target / "data" / "paraphrase-en.gz").is_file():
         shutil.copy(package_dir() / "meteor" / "data" / "paraphrase-en.gz", target / "data" / "paraphrase-en.gz")
+    return folder
 
 
 def prefixtune_webnlg_dart(task: str, n: int | None) -> dict[str, float]:
