@@ -6,15 +6,15 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from .base import DEFAULT_MODEL, load_base
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import PrefixConfig
 from .errors import PrefixTuneError
 from .features import Formatter, context_length, left_pad
 from .files import read_prefix_config
+from .generation import seeded
 from .model import PrefixTunedModel
+from .options import GenerationOptions, cut_at_stop
 
 
 def _base_for(name: str | None):
@@ -45,25 +45,31 @@ def decode_texts(
     sources: list[str],
     prefix: str | list[str] | None = None,
     batch_size: int = 8,
-    options: dict | None = None,
-    seed: int = 0,
+    options: GenerationOptions | dict | None = None,
     truncate: bool = False,
     progress: bool = False,
 ) -> list[str]:
-    """Generate one output text per source, in order; batches sources of similar length together."""
-    options = dict(options or {})
+    """Generate one output text per source, in order; batches sources of similar length together.
+
+    ``options`` (a :class:`GenerationOptions` or its fields as a dict): sampling draws from one
+    generator seeded with ``options.seed`` (0 if unset); outputs are cut before any ``stop`` string.
+    """
+    if not isinstance(options, GenerationOptions):
+        options = GenerationOptions.from_kwargs(**(options or {}))
     names = [prefix or model.active] * len(sources) if prefix is None or isinstance(prefix, str) else list(prefix)
     first = model.get_prefix(names[0] if names else None)
     fmt = Formatter(
         tokenizer, model.geometry.is_encoder_decoder, context_length(model.base.config), first.num_tokens, truncate
     )
-    room = options.get("max_new_tokens", 64)
+    room = options.max_new_tokens
     prompts = [fmt.source_ids(s, f"source {i + 1}", target_room=room) for i, s in enumerate(sources)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos
-    options.setdefault("eos_token_id", fmt.eos)
-    options.setdefault("pad_token_id", pad_id)
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    options = options.replace(
+        eos_token_id=fmt.eos if options.eos_token_id is None else options.eos_token_id,
+        pad_token_id=pad_id if options.pad_token_id is None else options.pad_token_id,
+    )
+    generator = seeded(options.seed, model.device)
     outputs: list[str] = [""] * len(sources)
     bar = None
     if progress:
@@ -78,11 +84,12 @@ def decode_texts(
             mask.to(model.device),
             prefix=[names[i] for i in chunk],
             generator=generator,
-            **options,
+            options=options,
         )
         skip = 1 if model.geometry.is_encoder_decoder else ids.shape[1]
         for row, i in enumerate(chunk):
-            outputs[i] = tokenizer.decode(out[row, skip:].tolist(), skip_special_tokens=True).strip()
+            text = tokenizer.decode(out[row, skip:].tolist(), skip_special_tokens=True).strip()
+            outputs[i] = cut_at_stop(text, options.stop).strip()
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:

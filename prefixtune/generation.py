@@ -10,223 +10,88 @@ This module knows nothing about text: it works on token ids only. Shapes: B rows
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
-
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from . import injection
-from .errors import PrefixTuneError
+from .options import GenerationOptions
+from .state import PrefixedState
 
-
-@dataclass
-class GenerationOptions:
-    """Decoding options (names as in Hugging Face ``generate``).
-
-    Attributes:
-        max_new_tokens: Most tokens to generate per row.
-        min_new_tokens: EOS is forbidden before this many new tokens.
-        num_beams: Beam width; 1 is greedy (or sampling).
-        do_sample: Sample instead of taking the most likely token.
-        temperature: Softmax temperature when sampling.
-        top_k: Keep the k most likely tokens when sampling (0 keeps all).
-        top_p: Nucleus sampling mass (1.0 keeps all).
-        length_penalty: Beam scores are divided by length ** length_penalty.
-        no_repeat_ngram_size: Forbid repeating any n-gram of this size (0 = off).
-        early_stopping: Beam search stops as soon as K hypotheses are finished.
-        eos_token_id: Token id(s) that end a row; default from the model config.
-        pad_token_id: Fills rows after they end; default from the config, else EOS.
-    """
-
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    early_stopping: bool = False
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "num_beams"):
-            if getattr(self, name) < 1:
-                raise PrefixTuneError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("min_new_tokens", "top_k", "no_repeat_ngram_size"):
-            if getattr(self, name) < 0:
-                raise PrefixTuneError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise PrefixTuneError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise PrefixTuneError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class DecodeState:
-    """What decoding carries between steps, one row per sequence (or beam).
-
-    Attributes:
-        cache: The model cache (prefix + everything seen).
-        mask: (B, P + T) 2D mask over the (decoder) self-attention keys.
-        next_pos: (B,) position id of the next token (decoder-only models).
-        encoder_hidden: (B, S, d) encoder states (encoder-decoder models).
-        cross_mask: (B, 1, 1, P_cross + S) cross-attention mask (encoder-decoder models).
-    """
-
-    cache: Any
-    mask: torch.Tensor
-    next_pos: torch.Tensor | None = None
-    encoder_hidden: torch.Tensor | None = None
-    cross_mask: torch.Tensor | None = None
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep (and repeat) rows ``index`` (B',): beam reordering and expansion."""
-        self.cache.reorder_cache(index)
-        self.mask = self.mask[index]
-        for name in ("next_pos", "encoder_hidden", "cross_mask"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value[index])
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def concat_states(states: list[DecodeState], cache_config) -> DecodeState:
-    """Stack decode states of decoder-only models into one batch (continuous batching).
-
-    Shorter histories are left-padded with masked zeros; positions are per row, so every row
-    computes exactly what it would alone.
-    """
-    from transformers import DynamicCache
-
-    if any(s.encoder_hidden is not None for s in states):
-        raise PrefixTuneError("continuous batching supports decoder-only models")
-    width = max(s.mask.shape[1] for s in states)
-    cache = DynamicCache(config=cache_config)
-    for i in range(len(states[0].cache.layers)):
-        keys = torch.cat([_pad_left(s.cache.layers[i].keys, width, 2) for s in states])  # (B, H, S, D)
-        values = torch.cat([_pad_left(s.cache.layers[i].values, width, 2) for s in states])
-        cache.update(keys, values, i)
-    mask = torch.cat([_pad_left(s.mask, width, 1) for s in states])  # (B, S)
-    return DecodeState(cache, mask, next_pos=torch.cat([s.next_pos for s in states]))
-
-
-def trim_state(state: DecodeState) -> None:
-    """Drop leading positions that no row attends to (after rows have left the batch).
-
-    Decoder-only only: encoder-decoder rows all start decoding together, so there is no padding to drop.
-    """
-    if state.encoder_hidden is not None:
-        return
-    used = state.mask.any(dim=0).nonzero()
-    start = int(used[0]) if len(used) else state.mask.shape[1]
-    if start == 0:
-        return
-    for layer in state.cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-    state.mask = state.mask[:, start:]
-
-
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix) -> tuple[DecodeState, torch.Tensor]:
-    """Process the inputs after each row's prefix.
-
-    Args:
-        input_ids: (B, T) left-padded inputs (the source, for encoder-decoder models).
-
-    Returns:
-        The decode state and the logits (B, V) for the first new token.
-    """
-    batch = model.batch_prefix(prefix, input_ids.shape[0])
-    config = model.base.config
-    if not model.geometry.is_encoder_decoder:
-        dec = batch["decoder"]
-        out = model.run_causal(input_ids, attention_mask, dec, logits_to_keep=1)
-        state = DecodeState(
-            out.cache,
-            torch.cat([dec.mask, attention_mask.long()], dim=1),  # (B, P + T)
-            next_pos=dec.lengths + attention_mask.long().sum(dim=1),  # (B,)
-        )
-        return state, out.logits[:, -1]
-    hidden, key_mask = model.encode(input_ids, attention_mask, batch)
-    queries = torch.zeros(input_ids.shape[0], 1, 1, device=model.device, dtype=model.dtype)  # shape only
-    state = DecodeState(
-        model.decoder_cache(batch),
-        model.decoder_prefix_mask(batch, input_ids.shape[0]),
-        encoder_hidden=hidden,
-        cross_mask=injection.bidirectional_mask(config, queries, key_mask),  # (B, 1, 1, K)
-    )
-    start = torch.full((input_ids.shape[0],), config.decoder_start_token_id, device=model.device)
-    return state, step(model, state, start)
-
-
-def step(model, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row (B,); returns the logits (B, V) for the next one."""
-    ones = torch.ones(len(tokens), 1, dtype=torch.long, device=tokens.device)
-    state.mask = torch.cat([state.mask, ones], dim=1)  # (B, P + T + 1)
-    if state.encoder_hidden is None:
-        out = model.base(
-            input_ids=tokens[:, None],
-            attention_mask=state.mask,
-            position_ids=state.next_pos[:, None],
-            cache=state.cache,
-            use_cache=True,
-        )
-        state.next_pos = state.next_pos + 1
-    else:
-        out = model.base(
-            encoder_outputs=(state.encoder_hidden,),
-            attention_mask=state.cross_mask,
-            decoder_input_ids=tokens[:, None],
-            decoder_attention_mask=state.mask,
-            cache=state.cache,
-            use_cache=True,
-        )
-    return out.logits[:, -1]
-
-
-def sampling_warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
-    """Transformers' temperature, top-k and top-p warpers (they read only the scores)."""
-    warpers = LogitsProcessorList()
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k > 0:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
+__all__ = ["GenerationOptions", "TokenChooser", "eos_and_pad", "generate"]
 
 
 def _processors(opts: GenerationOptions, prompt_len: int, eos: list[int], sampling: bool) -> LogitsProcessorList:
+    """Transformers' processors for ``opts``, in the order Hugging Face ``generate`` applies them."""
     procs = LogitsProcessorList()
+    if opts.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(opts.repetition_penalty))
     if opts.no_repeat_ngram_size > 0:
         procs.append(NoRepeatNGramLogitsProcessor(opts.no_repeat_ngram_size))
     if opts.min_new_tokens > 0 and eos:
         procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, opts.min_new_tokens, eos))
     if sampling:
-        procs.extend(sampling_warpers(opts.temperature, opts.top_k, opts.top_p))
+        if opts.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(opts.temperature))
+        if opts.top_k > 0:
+            procs.append(TopKLogitsWarper(opts.top_k))
+        if opts.top_p < 1.0:
+            procs.append(TopPLogitsWarper(opts.top_p))
     return procs
 
 
+class TokenChooser:
+    """Picks the next token of rows that share options: greedy or sampled, after every processor.
+
+    The one implementation of per-token decoding: offline :func:`generate` uses one per batch, the
+    server's engine one per request (with the request's own generator), so both choose alike.
+
+    Args:
+        opts: The options.
+        prompt_len: Length of the rows' prompts as ``seqs`` will hold them (min_new_tokens counts from there).
+        eos: End-of-sequence ids.
+        generator: Random generator for sampling.
+    """
+
+    def __init__(self, opts: GenerationOptions, prompt_len: int, eos: list[int], generator=None) -> None:
+        self.procs = _processors(opts, prompt_len, eos, opts.do_sample)
+        self.sample, self.generator = opts.do_sample, generator
+
+    def __call__(self, seqs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """seqs (B, t) the prompts and tokens so far, logits (B, V) → tokens (B,)."""
+        scores = self.procs(seqs, logits.float())
+        if self.sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)[:, 0]
+        return scores.argmax(dim=-1)
+
+
+def eos_and_pad(opts: GenerationOptions, config) -> tuple[list[int], int]:
+    """The end-of-sequence ids and the pad id: the options', else the model config's."""
+    eos = opts.eos_token_id if opts.eos_token_id is not None else getattr(config, "eos_token_id", None)
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = opts.pad_token_id if opts.pad_token_id is not None else getattr(config, "pad_token_id", None)
+    return eos, (pad if pad is not None else (eos[0] if eos else 0))
+
+
+def seeded(seed: int | None, device, default: int = 0) -> torch.Generator:
+    """A generator seeded with ``seed`` (``default`` when None)."""
+    return torch.Generator(device=device).manual_seed(seed if seed is not None else default)
+
+
 def generate(
-    model, input_ids, attention_mask=None, prefix=None, generator: torch.Generator | None = None, **kwargs
+    model,
+    input_ids,
+    attention_mask=None,
+    prefix=None,
+    generator: torch.Generator | None = None,
+    options: GenerationOptions | None = None,
+    **kwargs,
 ) -> torch.Tensor:
     """Generate with each row's prefix; returns ids as Hugging Face ``generate`` does.
 
@@ -235,29 +100,27 @@ def generate(
         input_ids: (B, T) inputs, left-padded for decoder-only models.
         attention_mask: (B, T); default all ones.
         prefix: A prefix name, one per row, or None for the active prefix.
-        generator: Random generator for sampling.
-        **kwargs: Fields of :class:`GenerationOptions`.
+        generator: Random generator for sampling (default: one seeded with ``options.seed``, else 0).
+        options: A :class:`GenerationOptions`; ``kwargs`` override its fields.
+        **kwargs: Fields of :class:`GenerationOptions`. ``stop`` works on text and is applied by the
+            text-level callers (:func:`prefixtune.decode.decode_texts`, the server).
 
     Returns:
         Decoder-only: (B, T + N) inputs then new tokens. Encoder-decoder: (B, 1 + N) decoder start
         then new tokens. Rows that end early are filled with the pad id.
     """
-    unknown = set(kwargs) - {f.name for f in fields(GenerationOptions)}
-    if unknown:
-        raise PrefixTuneError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-    opts = GenerationOptions(**kwargs)
+    opts = options.replace(**kwargs) if options is not None else GenerationOptions.from_kwargs(**kwargs)
     config = model.base.config
-    eos = opts.eos_token_id if opts.eos_token_id is not None else getattr(config, "eos_token_id", None)
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    pad = opts.pad_token_id if opts.pad_token_id is not None else getattr(config, "pad_token_id", None)
-    pad = pad if pad is not None else (eos[0] if eos else 0)
+    eos, pad = eos_and_pad(opts, config)
+    if generator is None and opts.do_sample:
+        generator = seeded(opts.seed, model.device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            state, logits = prefill(model, input_ids, attention_mask, prefix)
+            state, logits = PrefixedState.prefill(model, input_ids, attention_mask, prefix)
             if model.geometry.is_encoder_decoder:
                 prompt = torch.full((len(input_ids), 1), config.decoder_start_token_id, device=input_ids.device)
             else:
@@ -271,7 +134,7 @@ def generate(
 
 def _sample(model, state, logits, prompt, opts, eos, pad, generator) -> torch.Tensor:
     """Greedy decoding or sampling, as Hugging Face ``_sample``; finished rows leave the batch."""
-    procs = _processors(opts, prompt.shape[1], eos, opts.do_sample)
+    choose = TokenChooser(opts, prompt.shape[1], eos, generator)
     eos_t = torch.tensor(eos, device=prompt.device)
     out = torch.full((len(prompt), prompt.shape[1] + opts.max_new_tokens), pad, dtype=torch.long, device=prompt.device)
     out[:, : prompt.shape[1]] = prompt
@@ -279,11 +142,7 @@ def _sample(model, state, logits, prompt, opts, eos, pad, generator) -> torch.Te
     alive = torch.arange(len(prompt), device=prompt.device)  # batch rows still decoding
     seqs = prompt
     for i in range(opts.max_new_tokens):
-        scores = procs(seqs, logits.float())  # (B', V)
-        if opts.do_sample:
-            tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
-        else:
-            tokens = scores.argmax(dim=-1)
+        tokens = choose(seqs, logits)  # (B',)
         seqs = torch.cat([seqs, tokens[:, None]], dim=1)
         out[alive, prompt.shape[1] + i] = tokens
         width = prompt.shape[1] + i + 1
@@ -294,8 +153,8 @@ def _sample(model, state, logits, prompt, opts, eos, pad, generator) -> torch.Te
             keep = going.nonzero()[:, 0]
             alive, seqs, tokens = alive[keep], seqs[keep], tokens[keep]
             state.select(keep)
-            trim_state(state)
-        logits = step(model, state, tokens)
+            state.trim()
+        logits = state.extend(tokens)
     return out[:, :width]
 
 
@@ -387,7 +246,7 @@ def _beam_search(model, state, logits, prompt, opts, eos, pad) -> torch.Tensor:
         reorder = (beam_source + kept[:, None] * k).view(-1)  # (B'*K,) beams of the kept rows
         state.select(reorder)
         if len(kept) < len(going):
-            trim_state(state)
-        logits = step(model, state, running[:, :, cur - 1].reshape(-1))
+            state.trim()
+        logits = state.extend(running[:, :, cur - 1].reshape(-1))
     out_seqs[alive], out_len[alive] = finished_seqs[:, 0], finished_len[:, 0]
     return out_seqs[:, : prompt_len + int(out_len.max())]

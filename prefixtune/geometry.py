@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import PrefixTuneError
 
 # Config attribute names per family: (layers, kv heads, attention heads, head dim, hidden size).
@@ -44,32 +46,62 @@ _ENC_DEC_FIELDS.update({family: _T5_FIELDS for family in ("t5", "mt5", "umt5", "
 class StackGeometry:
     """One attention stack that receives a prefix.
 
+    What the model caches per token and layer is what the prefix holds: keys (kv_heads, D) and
+    values (kv_heads, D_v). Under multi-head latent attention (DeepSeek-V2/V3) the cache holds the
+    compressed latents instead — one "head" of width ``kv_lora_rank`` and the rotary key of width
+    ``qk_rope_head_dim`` — and so does the prefix.
+
     Attributes:
         name: ``"decoder"``, ``"encoder"`` or ``"cross"``.
         num_layers: Attention layers in the stack (L).
         num_kv_heads: Key/value heads per layer (fewer than query heads under GQA).
-        head_dim: Size of one head (D).
+        head_dim: Width of one head's keys (D).
+        value_dim: Width of one head's values (D_v); None when equal to ``head_dim``.
     """
 
     name: str
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    value_dim: int | None = None
+
+    @property
+    def v_dim(self) -> int:
+        return self.value_dim if self.value_dim is not None else self.head_dim
 
     @property
     def kv_dim(self) -> int:
-        """Width of one token's keys (or values) in one layer: kv_heads × head_dim."""
+        """Width of one token's keys in one layer: kv_heads × head_dim."""
         return self.num_kv_heads * self.head_dim
 
     @property
-    def token_shape(self) -> tuple[int, int, int, int]:
-        """Shape of one virtual token's prefix: (L, 2, kv_heads, D)."""
-        return (self.num_layers, 2, self.num_kv_heads, self.head_dim)
+    def token_shape(self) -> tuple[int, ...]:
+        """Shape of one virtual token's prefix: (L, 2, kv_heads, D), or (L, kv_heads, D + D_v) when keys and
+        values differ in width."""
+        if self.v_dim == self.head_dim:
+            return (self.num_layers, 2, self.num_kv_heads, self.head_dim)
+        return (self.num_layers, self.num_kv_heads, self.head_dim + self.v_dim)
 
     @property
     def token_size(self) -> int:
-        """Number of values for one virtual token: L × 2 × kv_dim."""
-        return self.num_layers * 2 * self.kv_dim
+        """Number of values for one virtual token: L × kv_heads × (D + D_v)."""
+        return self.num_layers * self.num_kv_heads * (self.head_dim + self.v_dim)
+
+    def split(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(B, P, *token_shape) → per layer (keys (B, H, P, D), values (B, H, P, D_v))."""
+        if self.v_dim == self.head_dim:
+            kv = rows.permute(2, 3, 0, 4, 1, 5)  # (L, 2, B, H, P, D)
+            return [(layer[0], layer[1]) for layer in kv]
+        kv = rows.permute(2, 0, 3, 1, 4)  # (L, B, H, P, D + D_v)
+        return [(layer[..., : self.head_dim], layer[..., self.head_dim :]) for layer in kv]
+
+    def join(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Per layer (keys (H, P, D), values (H, P, D_v)) of one row → (P, *token_shape)."""
+        if self.v_dim == self.head_dim:
+            kv = torch.stack([torch.stack([k, v]) for k, v in layers])  # (L, 2, H, P, D)
+            return kv.permute(3, 0, 1, 2, 4)
+        kv = torch.stack([torch.cat([k, v], dim=-1) for k, v in layers])  # (L, H, P, D + D_v)
+        return kv.permute(2, 0, 1, 3)
 
 
 @dataclass(frozen=True)
@@ -147,6 +179,11 @@ def read_geometry(config) -> Geometry:
         return Geometry(model_type, True, hidden, stacks)
     layers, kv_heads, heads, hd, hs = _DECODER_FIELDS.get(model_type, _DECODER_FIELDS["default"])
     hidden = _first(config, hs, "hidden size")
+    latent = _first(config, ("kv_lora_rank",), "latent width", required=False)
+    if latent is not None:  # multi-head latent attention: the cache holds (latent, rotary key) per token
+        rope = _first(config, ("qk_rope_head_dim",), "rotary key width")
+        stack = StackGeometry("decoder", _first(config, layers, "layer count"), 1, latent, rope)
+        return Geometry(model_type, False, hidden, (stack,))
     n_heads = _first(config, heads, "attention heads")
     head_dim = _first(config, hd, "head dim", required=False) or hidden // n_heads
     stack = StackGeometry(

@@ -1,13 +1,13 @@
-"""How a prefix enters a frozen Hugging Face model: cache, mask and positions.
+"""How a prefix enters a frozen Hugging Face model: per-row prefixes, positions, masks, encoder hooks.
 
 Li & Liang 2021 (§4.2) feed the prefix as already-computed keys and values (``past_key_values``):
 every layer attends to [K_P; K_x] and [V_P; V_x], the prefix occupies positions 0..P-1 and the
 real tokens start at position P. We do the same with transformers' Cache classes:
 
-* decoder-only models and decoder self-attention: a ``DynamicCache`` filled with the prefix, a 2D
-  attention mask [prefix mask; input mask] and per-row position ids P_i + t;
+* decoder-only models and decoder self-attention: a cache filled with the prefix, a mask over
+  [prefix; input] and per-row position ids P_i + t — all owned by :class:`prefixtune.state.PrefixedState`;
 * decoder cross-attention: the cross-attention half of an ``EncoderDecoderCache`` filled with the
-  prefix and marked not-yet-updated, so the model appends the encoder's keys after it;
+  prefix and marked not-yet-updated, so the model appends the encoder's keys after it (also the state's);
 * encoder self-attention (which takes no cache): a forward pre-hook on each encoder attention module
   passes a one-layer cache holding the prefix, with a 4D mask over [prefix; input].
 
@@ -23,8 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache
-from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_bidirectional_mask
 
 from .errors import PrefixTuneError
@@ -82,55 +80,6 @@ def gather_rows(tensors: dict[str, torch.Tensor], row_names: list[str]) -> tuple
     rows = torch.stack(padded)[index]  # (B, P_max, *shape)
     mask = torch.stack(masks).to(first.device)[index]  # (B, P_max)
     return rows, mask
-
-
-def split_layers(rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(B, P, L, 2, H, D) → per layer (keys, values), each (B, H, P, D)."""
-    kv = rows.permute(2, 3, 0, 4, 1, 5)  # (L, 2, B, H, P, D)
-    return [(layer[0], layer[1]) for layer in kv]
-
-
-def filled_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
-    """A ``DynamicCache`` holding the prefix at every layer."""
-    cache = DynamicCache(config=config)
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache
-
-
-class _ReadOnlyPrefixLayer(DynamicLayer):
-    """A cache layer that holds only the prefix: ``update`` returns [prefix; new] without storing.
-
-    Used for training passes, which need no cache afterwards. Having no side effect, it is safe to
-    run twice, as gradient checkpointing does when it recomputes a layer in the backward pass.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-def read_only_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
-    """A cache whose layers present the prefix to attention but keep nothing (training passes)."""
-    cache = DynamicCache(config=config)
-    cache.layers = [_ReadOnlyPrefixLayer(k, v) for k, v in layers]
-    return cache
-
-
-def encoder_decoder_cache(decoder: StackPrefix, cross: StackPrefix, config) -> EncoderDecoderCache:
-    """Self- and cross-attention caches filled with their prefixes.
-
-    The cross-attention layers are marked not updated, so on the first decoder pass the model
-    appends the encoder's keys and values after the prefix instead of reusing the cache as is.
-    """
-    cache = EncoderDecoderCache(filled_cache(decoder.layers, config), filled_cache(cross.layers, config))
-    for i in cache.is_updated:
-        cache.is_updated[i] = False
-    return cache
 
 
 def positions(prefix_lengths: torch.Tensor, attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor:

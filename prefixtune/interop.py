@@ -101,6 +101,8 @@ def import_peft(model, path, name: str = "default"):
     if model.geometry.is_encoder_decoder:
         raise PrefixTuneError(f"{path}: the base model is encoder-decoder; only decoder-only prefixes convert")
     stack = model.geometry.stack("decoder")  # (L, 2, kv_heads, D)
+    if stack.v_dim != stack.head_dim:
+        raise PrefixTuneError(f"{path}: PEFT prefixes hold keys and values of one width; this model's differ")
     found = (config["num_layers"], config["num_attention_heads"], config["token_dim"])
     wanted = (stack.num_layers, stack.num_kv_heads, stack.kv_dim)
     if found != wanted:
@@ -130,6 +132,10 @@ def export_peft(prefix_path, output, base_model_name: str | None = None) -> Path
         raise PrefixTuneError(f"{where}: mode {document.get('mode')!r} prefixes have no PEFT prefix-tuning equivalent")
     tensors = read_prefix_tensors(prefix_path, document)
     flat = tensors["decoder"]  # (P, L, 2, kv_heads, D)
+    if flat.dim() != 5:
+        raise PrefixTuneError(
+            f"{where}: keys and values of different widths (multi-head latent attention) have no PEFT equivalent"
+        )
     p, layers, _, heads, head_dim = flat.shape
     name = base_model_name or document["base_model"].get("name")
     config = {

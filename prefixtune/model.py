@@ -15,7 +15,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache
 
 from . import injection
 from .config import PrefixConfig
@@ -23,6 +22,7 @@ from .errors import PrefixTuneError
 from .geometry import read_geometry
 from .outputs import PrefixLMOutput, causal_loss, seq2seq_loss
 from .prefix import Prefix
+from .state import AttentionLayout, PrefixedState, new_cache, read_prefix
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # whole name: fullmatch (a "$" would allow a final newline)
 
@@ -62,12 +62,34 @@ class PrefixTunedModel(nn.Module):
         # Models that slice with transformers' helper accept a boolean (B, T) mask: LM head on targets only.
         self._target_logits = self._logits_to_keep and "slice_logits_to_keep" in inspect.getsource(type(base).forward)
         self._encoder_hooks = None
-        self.cache_config = base.config  # sizes the decoder caches
+        self.layout = AttentionLayout.read(base.config)
         if self.geometry.is_encoder_decoder:
-            self.cache_config = getattr(base.get_decoder(), "config", base.config)
+            if not self.layout.plain:
+                raise PrefixTuneError(
+                    "encoder-decoder models with sliding-window or chunked attention are not supported"
+                )
             enc = self.geometry.stack("encoder")
             modules = injection.find_encoder_attention(base.get_encoder(), enc.num_layers)
             self._encoder_hooks = injection.EncoderPrefixHooks(modules)
+        else:
+            self.layout.check_implementation(base.config)
+            self._check_cache_geometry()
+
+    @torch.no_grad()
+    def _check_cache_geometry(self) -> None:
+        """Decoder-only: the model's own cache must hold what the geometry says a prefix holds."""
+        if any(p.is_meta for p in self.base.parameters()):
+            return
+        stack = self.geometry.stack("decoder")
+        cache = self.base(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=new_cache()).cache
+        want = [(1, stack.num_kv_heads, 1, stack.head_dim), (1, stack.num_kv_heads, 1, stack.v_dim)]
+        for i, layer in enumerate(cache.layers):
+            got = [tuple(layer.keys.shape), tuple(layer.values.shape)]
+            if got != want or len(cache.layers) != stack.num_layers:
+                raise PrefixTuneError(
+                    f"unsupported model {self.geometry.model_type!r}: layer {i} of {len(cache.layers)} caches keys "
+                    f"and values of shapes {got}, but its config describes {stack.num_layers} layers of {want}"
+                )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -188,20 +210,20 @@ class PrefixTunedModel(nn.Module):
         """The frozen model's own prefix-shaped activations of ``ids`` (1, P), for init_text (§7.2)."""
         if mode == "embedding":
             return {"embedding": self.base.get_input_embeddings()(ids)[0]}  # (P, d)
+        decoder = self.geometry.stack("decoder")
         if not self.geometry.is_encoder_decoder:
-            cache = self.base(input_ids=ids, use_cache=True).cache
-            return {"decoder": _stack_cache(cache)}
+            cache = self.base(input_ids=ids, cache=new_cache(), use_cache=True).cache
+            return {"decoder": read_prefix(cache, decoder)}
         empty = self.batch_prefix(None, 1, empty=True)
         captured = []
         with self._encoder_hooks.active(empty["encoder"].layers, record=captured):
             hidden = self.base.get_encoder()(input_ids=ids).last_hidden_state
-        cache = EncoderDecoderCache(DynamicCache(config=self.cache_config), DynamicCache(config=self.cache_config))
-        self.base(encoder_outputs=(hidden,), decoder_input_ids=ids, cache=cache, use_cache=True)
-        encoder = torch.stack([torch.stack([k[0], v[0]]) for k, v in captured])  # (L, 2, H, P, D)
+        state = PrefixedState.seq2seq(self, empty, hidden, torch.ones_like(ids))
+        self.base(decoder_input_ids=ids, use_cache=True, **state.decoder_inputs(torch.ones_like(ids)))
         return {
-            "decoder": _stack_cache(cache.self_attention_cache),
-            "cross": _stack_cache(cache.cross_attention_cache),
-            "encoder": encoder.permute(3, 0, 1, 2, 4),  # (P, L, 2, H, D)
+            "decoder": read_prefix(state.cache.self_attention_cache, decoder),
+            "cross": read_prefix(state.cache.cross_attention_cache, self.geometry.stack("cross")),
+            "encoder": self.geometry.stack("encoder").join([(k[0], v[0]) for k, v in captured]),
         }
 
     # ------------------------------------------------------------------ prefixes of a batch
@@ -230,9 +252,10 @@ class PrefixTunedModel(nn.Module):
         if empty:  # zero-length prefixes, used to read activations
             out = {}
             for s in self.geometry.stacks:
-                z = torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, device=self.device, dtype=self.dtype)
+                k = torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, device=self.device, dtype=self.dtype)
+                v = torch.zeros(batch, s.num_kv_heads, 0, s.v_dim, device=self.device, dtype=self.dtype)
                 out[s.name] = injection.StackPrefix(
-                    [(z, z)] * s.num_layers, torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+                    [(k, v)] * s.num_layers, torch.zeros(batch, 0, dtype=torch.long, device=self.device)
                 )
             return out
         names = self.row_names(prefix, batch)
@@ -247,7 +270,7 @@ class PrefixTunedModel(nn.Module):
         out = {}
         for stack in self.geometry.stacks:
             rows, mask = injection.gather_rows({n: t[stack.name] for n, t in tensors.items()}, names)
-            out[stack.name] = injection.StackPrefix(injection.split_layers(rows.to(self.dtype)), mask)
+            out[stack.name] = injection.StackPrefix(stack.split(rows.to(self.dtype)), mask)
         if self.geometry.is_encoder_decoder and self.geometry.model_type not in _RELATIVE_DECODER_POSITIONS:
             lengths = {self._prefixes[n].num_tokens for n in unique}
             if len(lengths) > 1:
@@ -259,8 +282,8 @@ class PrefixTunedModel(nn.Module):
 
     def _embedding_kv(self, embeds: torch.Tensor) -> torch.Tensor:
         """Keys/values of P trained input embeddings at positions 0..P-1: (P, d) → (P, L, 2, H, D)."""
-        cache = self.base(inputs_embeds=embeds[None].to(self.dtype), use_cache=True).cache
-        return _stack_cache(cache)
+        cache = self.base(inputs_embeds=embeds[None].to(self.dtype), cache=new_cache(), use_cache=True).cache
+        return read_prefix(cache, self.geometry.stack("decoder"))
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -299,40 +322,29 @@ class PrefixTunedModel(nn.Module):
         if loss_only and labels is not None and self._target_logits:
             predict = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): positions whose next token is a target
             predict[:, :-1] = labels[:, 1:] != -100
-            out = self.run_causal(
-                input_ids, attention_mask, batch["decoder"], use_cache, logits_to_keep=predict, **kwargs
-            )
+            state = PrefixedState.causal(self, batch["decoder"], keep=use_cache)
+            out = self.run_causal(input_ids, attention_mask, state, logits_to_keep=predict, **kwargs)
             targets = labels[:, 1:][predict[:, :-1]]  # (N,)
             loss = nn.functional.cross_entropy(out.logits.float().reshape(len(targets), -1), targets)
             return PrefixLMOutput(loss, out.logits, int(targets.numel()), out.cache if use_cache else None)
-        out = self.run_causal(input_ids, attention_mask, batch["decoder"], use_cache, **kwargs)
+        state = PrefixedState.causal(self, batch["decoder"], keep=use_cache)
+        out = self.run_causal(input_ids, attention_mask, state, **kwargs)
         loss, count = causal_loss(out.logits, labels) if labels is not None else (None, 0)
         return PrefixLMOutput(loss, out.logits, count, out.cache if use_cache else None)
 
-    def run_causal(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        dec: injection.StackPrefix,
-        keep: bool = True,
-        **kwargs,
-    ):
-        """One pass of a decoder-only base over (B, T) inputs after the prefix ``dec``.
+    def run_causal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: PrefixedState, **kwargs):
+        """One pass of a decoder-only base over (B, T) inputs after what ``state`` holds.
 
-        With ``keep=False`` (training) the cache only presents the prefix and stores nothing, which
-        also makes the pass safe under gradient checkpointing.
+        A state made with ``keep=False`` (training) only presents the prefix and stores nothing,
+        which also makes the pass safe under gradient checkpointing.
         """
         if "logits_to_keep" in kwargs and not self._logits_to_keep:
             kwargs.pop("logits_to_keep")
-        make = injection.filled_cache if keep else injection.read_only_cache
+        keep = state.keeps
+        queries = torch.zeros(*input_ids.shape, 1, device=self.device, dtype=self.dtype)  # shape only: (B, T, 1)
         with self._checkpointing_layers(not keep):
             return self.base(
-                input_ids=input_ids,
-                attention_mask=torch.cat([dec.mask, attention_mask.long()], dim=1),  # (B, P + T)
-                position_ids=injection.positions(dec.lengths, attention_mask),
-                cache=make(dec.layers, self.cache_config),
-                use_cache=keep,
-                **kwargs,
+                input_ids=input_ids, use_cache=keep, **state.causal_inputs(attention_mask, queries), **kwargs
             )
 
     def gradient_checkpointing_enable(self) -> None:
@@ -391,16 +403,6 @@ class PrefixTunedModel(nn.Module):
             hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, S, d)
         return hidden, torch.cat([batch["cross"].mask, attention_mask.long()], dim=1)
 
-    def decoder_cache(self, batch: dict) -> EncoderDecoderCache:
-        if "embedding" in batch:
-            return EncoderDecoderCache(DynamicCache(config=self.cache_config), DynamicCache(config=self.cache_config))
-        return injection.encoder_decoder_cache(batch["decoder"], batch["cross"], self.cache_config)
-
-    def decoder_prefix_mask(self, batch: dict, rows: int) -> torch.Tensor:
-        if "embedding" in batch:
-            return torch.zeros(rows, 0, dtype=torch.long, device=self.device)
-        return batch["decoder"].mask
-
     def _forward_seq2seq(
         self, input_ids, attention_mask, labels, batch, decoder_input_ids, decoder_attention_mask, use_cache, **kwargs
     ):
@@ -411,21 +413,15 @@ class PrefixTunedModel(nn.Module):
         if decoder_attention_mask is None:
             decoder_attention_mask = torch.ones_like(decoder_input_ids)
         hidden, key_mask = self.encode(input_ids, attention_mask, batch)
-        cache = self.decoder_cache(batch)
-        dec_queries = torch.zeros(decoder_input_ids.shape[0], 1, 1, device=self.device, dtype=self.dtype)
+        state = PrefixedState.seq2seq(self, batch, hidden, key_mask)
         out = self.base(
-            encoder_outputs=(hidden,),
-            attention_mask=injection.bidirectional_mask(self.base.config, dec_queries, key_mask),  # (B, 1, 1, K)
             decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=torch.cat(
-                [self.decoder_prefix_mask(batch, len(decoder_input_ids)), decoder_attention_mask.long()], dim=1
-            ),
-            cache=cache,
             use_cache=True,
+            **state.decoder_inputs(decoder_attention_mask),
             **kwargs,
         )
         loss, count = seq2seq_loss(out.logits, labels) if labels is not None else (None, 0)
-        return PrefixLMOutput(loss, out.logits, count, cache if use_cache else None)
+        return PrefixLMOutput(loss, out.logits, count, state.cache if use_cache else None)
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, prefix=None, **generation_kwargs
@@ -439,9 +435,3 @@ class PrefixTunedModel(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids, attention_mask, prefix, **generation_kwargs)
-
-
-def _stack_cache(cache) -> torch.Tensor:
-    """A batch-1 cache's layers → (P, L, 2, H, D)."""
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])  # (L, 2, H, P, D)
-    return kv.permute(3, 0, 1, 2, 4)

@@ -166,3 +166,53 @@ def test_pruned_batches_equal_each_row_alone(family):
             lengths.append(len(alone))
             assert torch.equal(batched[i, (0 if enc_dec else width) :][: len(alone)], alone), (family, beams, i)
         assert len(set(lengths)) > 1, "rows should end at different steps for this test to mean anything"
+
+
+def _hf_generate_with_prefix_cache(model, ids, **options):
+    """Hugging Face ``generate`` on an encoder-decoder model, given the prefix as its cache: the encoder
+    states computed with the encoder prefix, the decoder and cross-attention prefixes in the cache
+    (one copy per beam), and placeholder decoder tokens standing for the cached prefix positions."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    beams = options["num_beams"]
+    with torch.no_grad():
+        batch = model.batch_prefix(None, len(ids))
+        hidden, key_mask = model.encode(ids, torch.ones_like(ids), batch)
+
+        def filled(layers):
+            cache = DynamicCache()
+            for i, (k, v) in enumerate(layers):
+                cache.update(k.repeat_interleave(beams, 0), v.repeat_interleave(beams, 0), i)
+            return cache
+
+        cache = EncoderDecoderCache(filled(batch["decoder"].layers), filled(batch["cross"].layers))
+        for i in cache.is_updated:
+            cache.is_updated[i] = False
+        length = batch["decoder"].mask.shape[1]
+        start = torch.full((len(ids), length + 1), model.base.config.decoder_start_token_id)
+        out = model.base.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=key_mask,
+            decoder_input_ids=start,
+            decoder_attention_mask=torch.ones_like(start),
+            past_key_values=cache,
+            do_sample=False,
+            **options,
+        )
+    return out[:, length:]
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("num_beams, length_penalty", [(3, 1.0), (4, 0.5), (2, 2.0)])
+def test_encoder_decoder_beam_search_equals_hf_generate_with_the_prefix_as_its_cache(family, num_beams, length_penalty):
+    torch.manual_seed(5)
+    model = PrefixTunedModel.wrap(tiny_model(family), PrefixConfig(num_virtual_tokens=4, init_std=1.0))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [30, 11, 42, 13, 50]])
+    options = dict(
+        max_new_tokens=10, num_beams=num_beams, length_penalty=length_penalty, eos_token_id=2, pad_token_id=0
+    )
+    got = model.generate(ids, **options)
+    want = _hf_generate_with_prefix_cache(model, ids, **options)
+    assert got.tolist() == want[:, : got.shape[1]].tolist()
+    assert (want[:, got.shape[1] :] == 0).all()

@@ -37,30 +37,18 @@ def data_path(data: str | None, task: str) -> str:
     raise PrefixTuneError("--data is required (or set PREFIXTUNE_DATA to a folder holding e2e/, webnlg2017/, dart/)")
 
 
-def add_decoding(d, defaults_from: str = "the task's paper setting") -> None:
-    """Decoding flags on a parser or group; None means: take the preset's / task's value."""
-    d.add_argument("--num-beams", type=positive(int), default=None, help=f"beam width (default: {defaults_from})")
-    d.add_argument(
-        "--max-new-tokens", type=positive(int), default=None, help=f"most new tokens (default: {defaults_from})"
-    )
-    d.add_argument("--min-new-tokens", type=int, default=0, help="forbid EOS before this many tokens (default: 0)")
-    d.add_argument(
-        "--length-penalty", type=float, default=None, help=f"beam score / length**p (default: {defaults_from})"
-    )
-    d.add_argument(
-        "--no-repeat-ngram-size", type=int, default=0, help="forbid repeated n-grams of this size (default: off)"
-    )
+def add_decoding(group, preset_note: str = "the task's paper setting", exclude: tuple[str, ...] = ()) -> None:
+    """Every decoding option as a flag (made from :class:`prefixtune.GenerationOptions`)."""
+    from ..options import add_flags
+
+    add_flags(group, preset_note, exclude)
 
 
-def decoding_options(args, base: dict) -> dict:
-    """The preset/task decoding settings, overridden by the flags given."""
-    options = dict(base)
-    for name in ("num_beams", "max_new_tokens", "length_penalty"):
-        if getattr(args, name, None) is not None:
-            options[name] = getattr(args, name)
-    options["min_new_tokens"] = args.min_new_tokens
-    options["no_repeat_ngram_size"] = args.no_repeat_ngram_size
-    return options
+def decoding_options(args, base: dict):
+    """The preset/task decoding settings, overridden by the flags given: a GenerationOptions."""
+    from ..options import from_flags
+
+    return from_flags(args, base)
 
 
 def add_device(p) -> None:

@@ -28,15 +28,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="take the preset's decoding settings")
     p.add_argument("--output", default=None, help="write outputs here, one per line (default: stdout)")
     p.add_argument("--batch-size", type=positive(int), default=8, help="sources decoded together (default: 8)")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam search")
-    p.add_argument("--temperature", type=positive(float), default=1.0, help="sampling temperature (default: 1.0)")
-    p.add_argument("--top-p", type=positive(float), default=1.0, help="nucleus sampling mass (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
     p.add_argument("--truncate", action="store_true", help="cut sources longer than the context instead of failing")
     add_device(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_decoding(p.add_argument_group("decoding"), "the preset's, else greedy with 64 new tokens")
+    add_decoding(p.add_argument_group("decoding"), "the preset's")
     p.set_defaults(func=run)
 
 
@@ -62,9 +57,8 @@ def run(args) -> int:
     texts = sources(args)
     device, dtype = device_and_dtype(args)
     model, tokenizer, name = load_for_inference(args.prefix, args.model, dtype, device, cache_dir())
-    base = decoding_for(args.task, args.preset) if args.preset else {"num_beams": 1, "max_new_tokens": 64}
+    base = decoding_for(args.task, args.preset) if args.preset else {}
     options = decoding_options(args, base)
-    options.update(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     outputs = decode_texts(
         model,
         tokenizer,
@@ -72,7 +66,6 @@ def run(args) -> int:
         name,
         args.batch_size,
         options,
-        seed=args.seed,
         truncate=args.truncate,
         progress=not args.no_progress,
     )

@@ -187,7 +187,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--eval", action="store_true", help="decode dev at the end and write metrics.json")
     e.add_argument("--eval-size", type=positive(int), default=None, help="decode only the first N unique dev sources")
     e.add_argument("--eval-batch-size", type=positive(int), default=8, help="sources decoded together (default: 8)")
-    add_decoding(e)
+    add_decoding(e, exclude=("seed",))  # --seed is the training seed; evaluation decodes with seed 0
     p.set_defaults(func=run)
 
 
@@ -277,7 +277,7 @@ def run(args) -> int:
     return 0
 
 
-def evaluate_run(result, task: str, data: str, options: dict, args) -> dict:
+def evaluate_run(result, task: str, data: str, options, args) -> dict:
     """Decode dev with the run's saved (best) prefix; write metrics.json and dev_predictions.txt."""
     from ..evaluation import evaluate_model
     from ..files import write_json, write_lines
@@ -299,6 +299,6 @@ def evaluate_run(result, task: str, data: str, options: dict, args) -> dict:
     )
     run_dir = Path(result.output)
     write_lines(run_dir / "dev_predictions.txt", predictions)
-    report = {"task": task, "split": "dev", "sources": len(predictions), "decoding": options, **metrics}
+    report = {"task": task, "split": "dev", "sources": len(predictions), "decoding": options.to_dict(), **metrics}
     write_json(run_dir / "metrics.json", report)
     return report

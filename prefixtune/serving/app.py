@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, create_model
 
+from .. import options
 from ..errors import PrefixTuneError
+from ..options import GenerationOptions
 from .engine import Engine
 from .engine import Request as EngineRequest
 from .metrics import ServerMetrics
@@ -56,32 +58,31 @@ class ApiError(Exception):
         self.status, self.message, self.field = status, message, field
 
 
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prefix: str
-    inputs: str | list[str]
-    max_new_tokens: int = Field(64, ge=1)
-    min_new_tokens: int = Field(0, ge=0)
-    num_beams: int = Field(1, ge=1, le=16)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+# Both bodies are made from GenerationOptions: its fields, defaults, bounds and help are the schema.
+GenerateBody = create_model(
+    "GenerateBody",
+    __config__=ConfigDict(extra="forbid"),
+    prefix=(str, Field(description="name of the prefix to decode with")),
+    inputs=(str | list[str], Field(description="one input text, or a list decoded as a batch")),
+    stream=(StrictBool, Field(False, description="send tokens as server-sent events")),
+    **options.pydantic_fields(),
+)
 
-
-class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-    model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+# OpenAI's completion fields: max_tokens is max_new_tokens; temperature 0 means greedy.
+_OPENAI_NAMES = {name: None for name in ("min_new_tokens", "num_beams", "do_sample", "top_k", "temperature")}
+_OPENAI_NAMES |= {"max_new_tokens": "max_tokens", "length_penalty": None, "early_stopping": None}
+CompletionBody = create_model(
+    "CompletionBody",
+    __config__=ConfigDict(extra="ignore"),  # OpenAI clients send fields we do not use
+    model=(str, Field(description="name of the prefix")),
+    prompt=(str | list[str], Field(description="one prompt, or a list")),
+    stream=(StrictBool, False),
+    temperature=(
+        StrictFloat,
+        Field(1.0, ge=0, le=options.bounds("temperature")["le"], allow_inf_nan=False, description="0 = greedy"),
+    ),
+    **options.pydantic_fields(_OPENAI_NAMES, {"max_new_tokens": 16}),
+)
 
 
 class PrefixBody(BaseModel):
@@ -216,7 +217,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         if not model.has_prefix(name):
             raise ApiError(404, f"unknown prefix {name!r}", field)
 
-    def _requests(prefix, texts, field, options, stop) -> list[tuple[EngineRequest, TextStream]]:
+    def _requests(prefix, texts, field, opts: GenerationOptions) -> list[tuple[EngineRequest, TextStream]]:
         out = []
         for text in texts:
             try:
@@ -227,9 +228,15 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
                 raise ApiError(
                     400, f"input of {len(ids)} tokens exceeds the limit of {settings.max_input_tokens}", field
                 )
-            stream = TextStream(tokenizer, stop)
-            out.append((EngineRequest(prefix, ids, should_stop=stream.should_stop, **options), stream))
+            stream = TextStream(tokenizer, opts.stop)
+            out.append((EngineRequest(prefix, ids, opts, should_stop=stream.should_stop), stream))
         return out
+
+    def _options(values: dict) -> GenerationOptions:
+        try:
+            return GenerationOptions.from_kwargs(**values)
+        except PrefixTuneError as e:
+            raise ApiError(422, str(e), str(e).split(" ", 1)[0]) from None
 
     def _common_checks(texts, field, max_new):
         if isinstance(texts, str):
@@ -246,17 +253,8 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     async def generate(body: GenerateBody):
         _check_prefix(body.prefix, "prefix")
         texts = _common_checks(body.inputs, "inputs", body.max_new_tokens)
-        options = {
-            "max_new_tokens": body.max_new_tokens,
-            "min_new_tokens": body.min_new_tokens,
-            "num_beams": body.num_beams,
-            "do_sample": body.do_sample,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "top_k": body.top_k,
-            "seed": body.seed,
-        }
-        jobs = _requests(body.prefix, texts, "inputs", options, body.stop)
+        opts = _options(body.model_dump(exclude={"prefix", "inputs", "stream"}))
+        jobs = _requests(body.prefix, texts, "inputs", opts)
         if body.stream:
             return _sse(
                 _stream_events(jobs, lambda i, delta, reason: {"index": i, "text": delta, "finish_reason": reason})
@@ -268,14 +266,10 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     async def completions(body: CompletionBody):
         _check_prefix(body.model, "model")
         texts = _common_checks(body.prompt, "prompt", body.max_tokens)
-        options = {
-            "max_new_tokens": body.max_tokens,
-            "do_sample": body.temperature > 0,
-            "temperature": body.temperature or 1.0,
-            "top_p": body.top_p,
-            "seed": body.seed,
-        }
-        jobs = _requests(body.model, texts, "prompt", options, body.stop)
+        given = body.model_dump(exclude={"model", "prompt", "stream", "max_tokens", "temperature"})
+        sampled = {"do_sample": True, "temperature": body.temperature} if body.temperature > 0 else {}
+        opts = _options({**given, **sampled, "max_new_tokens": body.max_tokens})
+        jobs = _requests(body.model, texts, "prompt", opts)
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
         if body.stream:

@@ -7,7 +7,9 @@ HTTP and streaming live in :mod:`prefixtune.serving.app`.
 
 Greedy and sampled requests on decoder-only models are batched continuously. Beam search
 requests, and all requests on encoder-decoder models, are decoded as one static mixed-prefix batch
-per admission round.
+per admission round and set of options. Every request carries one
+:class:`prefixtune.GenerationOptions`, and its tokens are chosen by the same
+:class:`prefixtune.generation.TokenChooser` (or beam search) that offline ``generate`` uses.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 from .. import generation
 from ..errors import PrefixTuneError
 from ..features import left_pad
+from ..options import GenerationOptions
+from ..state import PrefixedState
 
 
 @dataclass
@@ -33,7 +37,7 @@ class Request:
     Attributes:
         prefix: Name of the prefix to use.
         input_ids: The prompt (already formatted for the model).
-        max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_p, top_k: decoding.
+        options: How to decode (``stop`` is applied by ``should_stop``, which works on text).
         on_token: Called from the engine thread with each new token id.
         on_done: Called once with the finish reason (``eos``, ``length``, ``stop``, ``cancelled``,
             ``error: ...``) and all generated ids.
@@ -42,14 +46,7 @@ class Request:
 
     prefix: str
     input_ids: list[int]
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
+    options: GenerationOptions = field(default_factory=GenerationOptions)
     on_token: Callable[[int], None] | None = None
     on_done: Callable[[str, list[int]], None] | None = None
     should_stop: Callable[[list[int]], bool] | None = None
@@ -58,7 +55,8 @@ class Request:
     started: float | None = None
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
-    generator: torch.Generator | None = None
+    chooser: generation.TokenChooser | None = None
+    seq: torch.Tensor | None = None  # (1, t): what the token processors read (prompt, then new tokens)
 
 
 @dataclass
@@ -103,7 +101,7 @@ class Engine:
         self.stats = EngineStats()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
-        self._state: generation.DecodeState | None = None
+        self._state: PrefixedState | None = None
         self._pending: torch.Tensor | None = None  # (B,) each running row's token not yet fed
         self._admitting: list[Request] = []
         self._wake = threading.Condition()
@@ -118,9 +116,6 @@ class Engine:
         if not self.model.has_prefix(request.prefix):
             raise PrefixTuneError(f"unknown prefix {request.prefix!r}")
         request.id = next(self._ids)
-        if request.do_sample:
-            request.generator = torch.Generator(device=self.model.device)
-            request.generator.manual_seed(request.seed if request.seed is not None else request.id)
         with self._wake:
             self._waiting.append(request)
             self._wake.notify()
@@ -185,21 +180,21 @@ class Engine:
         if room <= 0:
             return
         new = self._take_waiting(room)  # held in _admitting: reported as failed if a prefill raises
-        static = [r for r in new if r.num_beams > 1 or not self.continuous]
+        static = [r for r in new if r.options.num_beams > 1 or not self.continuous]
         for group in _static_groups(static, self.model):
             self._admitting = group
             self._run_static(group)
-        joining = [r for r in new if r.num_beams == 1 and self.continuous]
+        joining = [r for r in new if r.options.num_beams == 1 and self.continuous]
         self._admitting = joining
         if not joining:
             return
         ids, mask = self._prompts(joining)
-        state, logits = generation.prefill(self.model, ids, mask, [r.prefix for r in joining])
+        state, logits = PrefixedState.prefill(self.model, ids, mask, [r.prefix for r in joining])
+        for r in joining:
+            self._start_choosing(r)
         self.stats.batch_sizes.append(len(joining))
         tokens = self._choose(joining, logits)
-        self._state = (
-            state if self._state is None else generation.concat_states([self._state, state], self.model.cache_config)
-        )
+        self._state = state if self._state is None else PrefixedState.merge([self._state, state])
         self._running.extend(joining)
         self._admitting = []
         self._pending = tokens if self._pending is None else torch.cat([self._pending, tokens])
@@ -208,19 +203,23 @@ class Engine:
     def _decode_step(self) -> None:
         self.stats.batch_sizes.append(len(self._running))
         self.stats.steps += 1
-        logits = generation.step(self.model, self._state, self._pending)
+        logits = self._state.extend(self._pending)
         self._pending = self._choose(self._running, logits)
         self._retire()
 
+    def _start_choosing(self, request: Request) -> None:
+        """The request's token chooser, with its own generator (seeded with its seed, else its id)."""
+        device = self.model.device
+        generator = generation.seeded(request.options.seed, device, default=request.id)
+        request.chooser = generation.TokenChooser(request.options, len(request.input_ids), sorted(self.eos), generator)
+        request.seq = torch.tensor([request.input_ids], device=device)
+
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token with its own options; record and report it."""
-        logits = logits.float()
         chosen = []
         for request, row in zip(requests, logits):
-            if len(request.tokens) < request.min_new_tokens and self.eos:
-                row = row.clone()
-                row[list(self.eos)] = float("-inf")
-            token = _pick(row, request)
+            token = int(request.chooser(request.seq, row[None])[0])
+            request.seq = torch.cat([request.seq, request.seq.new_tensor([[token]])], dim=1)
             request.tokens.append(token)
             self.stats.generated_tokens += 1
             if request.on_token is not None:
@@ -245,26 +244,24 @@ class Engine:
         index = torch.tensor(keep, device=self._pending.device)
         self._state.select(index)
         self._pending = self._pending[index]
-        generation.trim_state(self._state)
+        self._state.trim()
 
     def _run_static(self, group: list[Request]) -> None:
         """Beam search (or encoder-decoder) requests: one mixed-prefix batch through ``generate``."""
         self.stats.batch_sizes.append(len(group))
-        first = group[0]
+        first = group[0].options
         ids, mask = self._prompts(group)
+        generator = generation.seeded(first.seed, self.model.device, default=group[0].id) if first.do_sample else None
         out = self.model.generate(
             ids,
             mask,
             prefix=[r.prefix for r in group],
-            num_beams=first.num_beams,
-            max_new_tokens=first.max_new_tokens,
-            min_new_tokens=first.min_new_tokens,
-            eos_token_id=sorted(self.eos),
-            pad_token_id=self.pad_token_id,
+            generator=generator,
+            options=first.replace(eos_token_id=sorted(self.eos), pad_token_id=self.pad_token_id, stop=None),
         )
         skip = 1 if self.model.geometry.is_encoder_decoder else ids.shape[1]
         for request, row in zip(group, out[:, skip:].tolist()):
-            for token in row[: request.max_new_tokens]:
+            for token in row[: request.options.max_new_tokens]:
                 request.tokens.append(token)
                 self.stats.generated_tokens += 1
                 if request.on_token is not None:
@@ -289,15 +286,6 @@ class Engine:
         self._running, self._admitting, self._state, self._pending = [], [], None, None
 
 
-def _pick(row: torch.Tensor, request: Request) -> int:
-    """Greedy, or a sample through the same warpers offline ``generate`` uses."""
-    if not request.do_sample:
-        return int(row.argmax())
-    warpers = generation.sampling_warpers(request.temperature, request.top_k, request.top_p)
-    scores = warpers(None, row[None])[0]  # (V,)
-    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=request.generator))
-
-
 def _finish_reason(request: Request, eos: set[int]) -> str | None:
     if request.cancelled:
         return "cancelled"
@@ -305,7 +293,7 @@ def _finish_reason(request: Request, eos: set[int]) -> str | None:
         return "eos"
     if request.should_stop is not None and request.should_stop(request.tokens):
         return "stop"
-    if len(request.tokens) >= request.max_new_tokens:
+    if len(request.tokens) >= request.options.max_new_tokens:
         return "length"
     return None
 
@@ -316,10 +304,12 @@ def _done(request: Request, reason: str) -> None:
 
 
 def _static_groups(requests: list[Request], model) -> list[list[Request]]:
-    """Requests that can share one ``generate`` call: same decoding options, and for
-    encoder-decoder models with absolute positions, the same prefix length."""
+    """Requests that can share one ``generate`` call: the same decoding options, and for
+    encoder-decoder models with absolute positions, the same prefix length. A sampled request is
+    decoded alone, with its own generator, so its answer does not depend on its batch-mates."""
     groups: dict[tuple, list[Request]] = {}
     for r in requests:
-        key = (r.num_beams, r.max_new_tokens, r.min_new_tokens, model.get_prefix(r.prefix).num_tokens)
+        alone = r.id if r.options.do_sample else None
+        key = (r.options.decoding_key(), model.get_prefix(r.prefix).num_tokens, alone)
         groups.setdefault(key, []).append(r)
     return list(groups.values())

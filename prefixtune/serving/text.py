@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..features import Formatter, context_length
+from ..options import cut_at_stop
 
 
 def prompt_ids(model, tokenizer, prefix: str, text: str) -> list[int]:
@@ -30,9 +31,7 @@ class TextStream:
         self.sent = 0
 
     def _text(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
-        cuts = [text.find(s) for s in self.stop if s in text]
-        return text[: min(cuts)] if cuts else text
+        return cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip(), self.stop)
 
     def should_stop(self, tokens: list[int]) -> bool:
         return bool(self.stop) and any(s in self.tokenizer.decode(tokens, skip_special_tokens=True) for s in self.stop)

@@ -6,8 +6,13 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from prefixtune import PrefixConfig, PrefixTunedModel
-from prefixtune.serving.engine import Engine, Request
+from prefixtune import GenerationOptions, PrefixConfig, PrefixTunedModel
+from prefixtune.serving.engine import Engine
+from prefixtune.serving.engine import Request as _Request
+
+
+def Request(prefix, input_ids, on_done=None, should_stop=None, **options):  # noqa: N802 - reads like the class
+    return _Request(prefix, input_ids, GenerationOptions(**options), on_done=on_done, should_stop=should_stop)
 
 
 def _model(family="llama"):

@@ -1,0 +1,316 @@
+"""The prefixed decoding state: the one place that knows how a batch's prefix sits in the model.
+
+Li & Liang 2021 (§4.2) feed the prefix as already-computed keys and values. A batch's
+:class:`PrefixedState` owns everything that follows from that: transformers' cache holding the
+prefix (and everything seen since), the mask over the cached keys, each key's position id, and for
+encoder-decoder models the encoder states and the cross-attention mask. ``model.forward``,
+:mod:`prefixtune.generation` (greedy, sampling, beam search) and the server's engine all go through
+it; nothing else touches transformers' cache internals.
+
+Layout of a row's keys: ``[padding | prefix | padding | tokens]`` — shorter prefixes and inputs are
+left-padded and the padding is masked. Each key slot carries its row's own position id (the prefix
+at 0..P_i-1, tokens from P_i on), so attention that depends on distance — sliding windows (Gemma 2/3,
+Mistral, gpt-oss), chunked attention (Llama 4) — is masked by positions, not slots, and every row
+computes exactly what it would alone. Such layers keep their whole history in the cache (no
+window-sized ring), which keeps the identity "prefix ≡ that prompt" exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
+from transformers.masking_utils import create_causal_mask
+
+from .errors import PrefixTuneError
+from .injection import StackPrefix, bidirectional_mask, positions
+
+_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How the decoder's layers attend, read once from the config.
+
+    Attributes:
+        kinds: Per transformers layer type used (``"full_attention"``, ...): (kind, window or chunk size).
+    """
+
+    kinds: dict[str, tuple[str, int | None]]
+
+    @classmethod
+    def read(cls, config) -> AttentionLayout:
+        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        unsupported = sorted(set(types) - set(_KINDS))
+        if unsupported:
+            raise PrefixTuneError(
+                f"unsupported model: its layers include {', '.join(unsupported)}; a prefix is keys and values, "
+                "so every layer must be attention (full, sliding-window or chunked) with its own cache"
+            )
+        kinds = {}
+        for name, extra in zip(types, kwargs):
+            kinds.setdefault(name, (_KINDS[name], extra.get("sliding_window")))
+        return cls(kinds)
+
+    @property
+    def plain(self) -> bool:
+        """Every layer is full causal attention: transformers' own masks are already exact."""
+        return set(self.kinds) == {"full_attention"}
+
+    def check_implementation(self, config) -> None:
+        if not self.plain and config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
+            raise PrefixTuneError(
+                f"attention implementation {config._attn_implementation!r} masks sliding windows by slot, not "
+                "position; load the model with attn_implementation='sdpa' or 'eager'"
+            )
+
+
+def _distance_rule(kind: str, size: int | None, key_pos: torch.Tensor):
+    """A transformers mask function keeping keys within the window (or chunk) by position."""
+    if kind == "sliding":
+        return lambda b, h, q, kv: key_pos[b, kv] > key_pos[b, q] - size
+    return lambda b, h, q, kv: (
+        torch.div(key_pos[b, kv], size, rounding_mode="floor") == torch.div(key_pos[b, q], size, rounding_mode="floor")
+    )
+
+
+def self_attention_mask(config, layout: AttentionLayout, queries, key_mask, key_pos, cache):
+    """The mask argument for a decoder pass: the 2D key mask, or per layer type a 4D mask by position.
+
+    Args:
+        queries: (B, T, ·) giving batch, query length, dtype and device.
+        key_mask: (B, K + T) 1 for real keys (cached and new).
+        key_pos: (B, K + T) position id of every key slot.
+    """
+    if layout.plain:
+        return key_mask
+    masks = {}
+    for name, (kind, size) in layout.kinds.items():
+        rule = None if kind == "full" else _distance_rule(kind, size, key_pos)
+        masks[name] = create_causal_mask(
+            config, queries, key_mask, cache, and_mask_function=rule, allow_is_causal_skip=False
+        )
+    return masks if len(masks) > 1 else next(iter(masks.values()))
+
+
+# ---------------------------------------------------------------------- caches
+def _filled(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache holding the prefix at every layer; every layer keeps its whole history."""
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+class _ReadOnlyPrefixLayer(DynamicLayer):
+    """A cache layer that holds only the prefix: ``update`` returns [prefix; new] without storing.
+
+    Used for training passes, which need no cache afterwards. Having no side effect, it is safe to
+    run twice, as gradient checkpointing does when it recomputes a layer in the backward pass.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def _read_only(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = [_ReadOnlyPrefixLayer(k, v) for k, v in layers]
+    return cache
+
+
+def read_prefix(cache, stack) -> torch.Tensor:
+    """A batch-1 cache's layers → the prefix tensor (P, *token_shape) of ``stack`` (a StackGeometry)."""
+    if len(cache.layers) != stack.num_layers:
+        raise PrefixTuneError(f"the model cached {len(cache.layers)} layers, expected {stack.num_layers}")
+    return stack.join([(layer.keys[0], layer.values[0]) for layer in cache.layers])
+
+
+def new_cache():
+    """An empty cache that keeps every layer's whole history (for reading a prompt's keys and values)."""
+    return DynamicCache()
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+# ---------------------------------------------------------------------- the state
+class PrefixedState:
+    """What a batch carries through the model, one row per sequence (or beam).
+
+    Attributes:
+        model: The :class:`prefixtune.PrefixTunedModel`.
+        cache: transformers' cache (prefix + everything seen).
+        mask: (B, K) 1 where a (decoder self-attention) key slot holds a real token.
+        key_pos: (B, K) position id of each key slot (decoder-only models).
+        next_pos: (B,) position id of the next token (decoder-only models).
+        encoder_hidden: (B, S, d) encoder states (encoder-decoder models).
+        cross_mask: (B, 1, 1, P_cross + S) cross-attention mask (encoder-decoder models).
+    """
+
+    def __init__(
+        self, model, cache, mask, key_pos=None, next_pos=None, encoder_hidden=None, cross_mask=None, keeps=True
+    ):
+        self.model, self.cache, self.mask, self.keeps = model, cache, mask, keeps
+        self.key_pos, self.next_pos = key_pos, next_pos
+        self.encoder_hidden, self.cross_mask = encoder_hidden, cross_mask
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def causal(cls, model, dec: StackPrefix, keep: bool = True) -> PrefixedState:
+        """A decoder-only batch holding only its prefix; ``keep=False`` stores nothing (training passes)."""
+        cache = _filled(dec.layers) if keep else _read_only(dec.layers)
+        lengths = dec.lengths  # (B,)
+        width = dec.mask.shape[1]
+        key_pos = (torch.arange(width, device=dec.mask.device) - (width - lengths[:, None])).clamp(min=0)
+        mask = dec.mask.long()
+        return cls(model, cache, mask, key_pos=key_pos * mask, next_pos=lengths.clone(), keeps=keep)
+
+    @classmethod
+    def seq2seq(cls, model, batch: dict, encoder_hidden, cross_key_mask) -> PrefixedState:
+        """An encoder-decoder batch after its encoder pass, before the first decoder token."""
+        rows = encoder_hidden.shape[0]
+        queries = encoder_hidden.new_zeros(rows, 1, 1)  # shape only
+        if "embedding" in batch:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            mask = torch.zeros(rows, 0, dtype=torch.long, device=encoder_hidden.device)
+        else:
+            cache = EncoderDecoderCache(_filled(batch["decoder"].layers), _filled(batch["cross"].layers))
+            for i in cache.is_updated:  # the model appends the encoder's keys after the cross prefix
+                cache.is_updated[i] = False
+            mask = batch["decoder"].mask.long()
+        cross = bidirectional_mask(model.base.config, queries, cross_key_mask)  # (B, 1, 1, K)
+        return cls(model, cache, mask, encoder_hidden=encoder_hidden, cross_mask=cross)
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.encoder_hidden is not None
+
+    # ------------------------------------------------------------------ passes
+    def causal_inputs(self, input_mask: torch.Tensor, queries: torch.Tensor) -> dict:
+        """Record T new tokens per row and return the model arguments that place them after the state.
+
+        Args:
+            input_mask: (B, T) 1 for real tokens (left padding allowed).
+            queries: (B, T, ·) giving the dtype and device of the pass.
+        """
+        input_mask = input_mask.long()
+        new_pos = positions(self.next_pos, input_mask)  # (B, T)
+        self.mask = torch.cat([self.mask, input_mask], dim=1)
+        self.key_pos = torch.cat([self.key_pos, new_pos * input_mask], dim=1)
+        self.next_pos = self.next_pos + input_mask.sum(dim=1)
+        layout = self.model.layout
+        return {
+            "attention_mask": self_attention_mask(
+                self.model.base.config, layout, queries, self.mask, self.key_pos, self.cache
+            ),
+            "position_ids": new_pos,
+            "cache": self.cache,
+        }
+
+    def decoder_inputs(self, decoder_mask: torch.Tensor) -> dict:
+        """Encoder-decoder: record T decoder tokens and return the model arguments of the decoder pass."""
+        self.mask = torch.cat([self.mask, decoder_mask.long()], dim=1)
+        return {
+            "encoder_outputs": (self.encoder_hidden,),
+            "attention_mask": self.cross_mask,
+            "decoder_attention_mask": self.mask,
+            "cache": self.cache,
+        }
+
+    @classmethod
+    def prefill(cls, model, input_ids, attention_mask, prefix) -> tuple[PrefixedState, torch.Tensor]:
+        """Process each row's inputs after its prefix.
+
+        Args:
+            input_ids: (B, T) left-padded inputs (the source, for encoder-decoder models).
+            prefix: A prefix name, one per row, or None for the active prefix.
+
+        Returns:
+            The state and the logits (B, V) for the first new token.
+        """
+        batch = model.batch_prefix(prefix, input_ids.shape[0])
+        if not model.geometry.is_encoder_decoder:
+            state = cls.causal(model, batch["decoder"])
+            out = model.run_causal(input_ids, attention_mask, state, logits_to_keep=1)
+            return state, out.logits[:, -1]
+        hidden, key_mask = model.encode(input_ids, attention_mask, batch)
+        state = cls.seq2seq(model, batch, hidden, key_mask)
+        start = torch.full((input_ids.shape[0],), model.base.config.decoder_start_token_id, device=model.device)
+        return state, state.extend(start)
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,); returns the logits (B, V) for the next one."""
+        ones = torch.ones(len(tokens), 1, dtype=torch.long, device=tokens.device)
+        base = self.model.base
+        if self.is_seq2seq:
+            out = base(decoder_input_ids=tokens[:, None], use_cache=True, **self.decoder_inputs(ones))
+        else:
+            queries = torch.zeros(len(tokens), 1, 1, device=tokens.device, dtype=self.model.dtype)  # shape only
+            out = base(input_ids=tokens[:, None], use_cache=True, **self.causal_inputs(ones, queries))
+        return out.logits[:, -1]
+
+    # ------------------------------------------------------------------ rows
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) rows ``index`` (B',): beam reordering and expansion, rows leaving."""
+        self.cache.reorder_cache(index)
+        self.mask = self.mask[index]
+        for name in ("key_pos", "next_pos", "encoder_hidden", "cross_mask"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[index])
+
+    def trim(self) -> None:
+        """Drop leading key slots that no row attends to (after rows have left the batch).
+
+        Decoder-only only: encoder-decoder rows all start decoding together, so there is no padding to drop.
+        """
+        if self.is_seq2seq:
+            return
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else self.mask.shape[1]
+        if start == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+        self.mask, self.key_pos = self.mask[:, start:], self.key_pos[:, start:]
+
+    @classmethod
+    def merge(cls, states: list[PrefixedState]) -> PrefixedState:
+        """Stack decoder-only states into one batch (continuous batching).
+
+        Shorter histories are left-padded with masked zeros; positions are per key, so every row
+        computes exactly what it would alone.
+        """
+        if any(s.is_seq2seq for s in states):
+            raise PrefixTuneError("continuous batching supports decoder-only models")
+        width = max(s.mask.shape[1] for s in states)
+        cache = DynamicCache()
+        for i in range(len(states[0].cache.layers)):
+            keys = torch.cat([_pad_left(s.cache.layers[i].keys, width, 2) for s in states])  # (B, H, S, D)
+            values = torch.cat([_pad_left(s.cache.layers[i].values, width, 2) for s in states])
+            cache.update(keys, values, i)
+        return cls(
+            states[0].model,
+            cache,
+            torch.cat([_pad_left(s.mask, width, 1) for s in states]),
+            key_pos=torch.cat([_pad_left(s.key_pos, width, 1) for s in states]),
+            next_pos=torch.cat([s.next_pos for s in states]),
+        )

@@ -1,0 +1,186 @@
+"""Every attention family transformers ships, through the public API (issue 15, point 4).
+
+Sliding-window layers (Gemma 2/3, Mistral, Cohere 2, gpt-oss, OLMo 3, EXAONE 4, Qwen 2 with windows),
+chunked attention (Llama 4), multi-head latent attention (DeepSeek-V2/V3, whose cache holds latents of
+different widths for "keys" and "values"). Windows are 4 tokens, so prefixes (3 to 14 tokens) and
+inputs cross them. Oracles: a prefix from real words ≡ the discrete prompt; a mixed batch (prefixes
+of different lengths, padded inputs) ≡ each row alone; greedy and beam decoding ≡ Hugging Face
+``generate`` on the prompt; a row joining a running batch ≡ alone; only the prefix trains.
+"""
+
+import pytest
+import torch
+from tiny import TinyTokenizer
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+from prefixtune import PrefixConfig, PrefixTunedModel, PrefixTuneError
+from prefixtune.state import PrefixedState
+
+TOK = TinyTokenizer()
+WORDS = "a longer prompt"  # 15 tokens: far beyond the 4-token windows
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=96,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+MLA = dict(
+    q_lora_rank=16,
+    kv_lora_rank=8,
+    qk_rope_head_dim=4,
+    head_dim=4,  # the rotary width, as DeepSeek configs set it
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    num_key_value_heads=4,
+)
+FAMILIES = {
+    "gemma2": dict(sliding_window=4),
+    "gemma3_text": dict(sliding_window=4),
+    "mistral": dict(sliding_window=4),
+    "cohere2": dict(sliding_window=4),
+    "gpt_oss": dict(sliding_window=4, num_local_experts=4, num_experts_per_tok=2),
+    "olmo3": dict(sliding_window=4),
+    "exaone4": dict(sliding_window=4),
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    "llama4_text": dict(
+        attention_chunk_size=4,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        intermediate_size_mlp=64,
+        no_rope_layers=[1, 1, 1, 1],
+        interleave_moe_layer_step=1,
+    ),
+    "deepseek_v2": MLA,
+    "deepseek_v3": MLA,
+}
+
+
+def _base(family):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(CONFIG_MAPPING[family](**{**SMALL, **FAMILIES[family]})).eval()
+
+
+def _words():
+    return torch.tensor([TOK(WORDS, add_special_tokens=False)["input_ids"]])
+
+
+def _two_prefixes(family):
+    model = PrefixTunedModel.wrap(_base(family), PrefixConfig(init_text=WORDS, reparameterize=False), TOK, name="A")
+    torch.manual_seed(1)
+    model.add_prefix("B", PrefixConfig(num_virtual_tokens=3, init_std=0.5, reparameterize=False))
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prefix_from_words_equals_the_prompt(family):
+    base = _base(family)
+    model = PrefixTunedModel.wrap(base, PrefixConfig(init_text=WORDS), TOK)
+    x = torch.tensor([[5, 9, 17, 33, 4, 60, 7, 8]])
+    with torch.no_grad():
+        got = model(x).logits
+        want = base(torch.cat([_words(), x], dim=1)).logits[:, _words().shape[1] :]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mixed_batch_of_prefix_lengths_and_padded_inputs_equals_each_row_alone(family):
+    model = _two_prefixes(family)
+    rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
+    names = ["A", "B", "B"]
+    width = max(map(len, rows))
+    for left in (True, False):
+        pad = [[0] * (width - len(r)) for r in rows]
+        ids = torch.tensor([p + r if left else r + p for p, r in zip(pad, rows)])
+        mask = torch.tensor(
+            [[0] * len(p) + [1] * len(r) if left else [1] * len(r) + [0] * len(p) for p, r in zip(pad, rows)]
+        )
+        with torch.no_grad():
+            mixed = model(ids, mask, prefix=names).logits
+            for i, (row, name) in enumerate(zip(rows, names)):
+                alone = model(torch.tensor([row]), prefix=name).logits[0]
+                got = mixed[i][mask[i].bool()]
+                torch.testing.assert_close(got, alone, atol=1e-5, rtol=0, msg=f"{family} row {i} left={left}")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_decoding_with_a_word_prefix_equals_hf_generate_on_the_prompt(family, num_beams):
+    base = _base(family)
+    model = PrefixTunedModel.wrap(base, PrefixConfig(init_text=WORDS, reparameterize=False), TOK)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    options = dict(max_new_tokens=10, num_beams=num_beams, eos_token_id=2, pad_token_id=0)
+    got = model.generate(ids, **options)
+    want = base.generate(torch.cat([_words(), ids], dim=1), do_sample=False, **options)
+    assert got[0, ids.shape[1] :].tolist() == want[0, _words().shape[1] + ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama4_text", "deepseek_v3"])
+def test_a_row_joining_a_running_batch_decodes_as_alone(family):
+    """Continuous batching: B is prefilled after A has decoded 5 tokens, then both decode together."""
+    model = _two_prefixes(family)
+
+    def greedy(state, logits, steps):
+        out = []
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            out.append(token)
+            logits = state.extend(token)
+        return torch.stack(out, dim=1), logits
+
+    with torch.no_grad():
+        a, a_logits = PrefixedState.prefill(model, torch.tensor([[5, 6, 7]]), torch.ones(1, 3), "A")
+        a_first, a_logits = greedy(a, a_logits, 5)
+        b, b_logits = PrefixedState.prefill(model, torch.tensor([[8, 9, 10, 11, 12, 13]]), torch.ones(1, 6), "B")
+        both = PrefixedState.merge([a, b])
+        together, _ = greedy(both, torch.cat([a_logits, b_logits]), 6)
+        alone_a, _ = greedy(*PrefixedState.prefill(model, torch.tensor([[5, 6, 7]]), torch.ones(1, 3), "A"), 11)
+        alone_b, _ = greedy(
+            *PrefixedState.prefill(model, torch.tensor([[8, 9, 10, 11, 12, 13]]), torch.ones(1, 6), "B"), 6
+        )
+    assert torch.cat([a_first, together[:1]], dim=1).tolist() == alone_a.tolist()
+    assert together[1:].tolist() == alone_b.tolist()
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "deepseek_v3"])
+def test_training_changes_only_the_prefix(family):
+    model = PrefixTunedModel.wrap(_base(family), PrefixConfig(num_virtual_tokens=6), TOK)
+    frozen = {n: p.clone() for n, p in model.base.named_parameters()}
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    model.train()
+    before = model(ids, labels=ids).loss.item()
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert model(ids, labels=ids).loss.item() < before
+    assert all(torch.equal(p, frozen[n]) for n, p in model.base.named_parameters())
+
+
+def test_latent_attention_prefix_holds_the_cached_latents():
+    model = PrefixTunedModel.wrap(_base("deepseek_v3"), PrefixConfig(num_virtual_tokens=2, reparameterize=False))
+    stack = model.geometry.stack("decoder")
+    # Per layer: one latent "head" of kv_lora_rank=8 and the rotary key of qk_rope_head_dim=4.
+    assert stack.token_shape == (4, 1, 8 + 4)
+    assert model.get_prefix().parts["decoder"].flat.shape == (2, 4, 1, 12)
+
+
+def test_layers_without_keys_and_values_are_refused_with_the_reason():
+    config = CONFIG_MAPPING["qwen3_next"](**{**SMALL, "layer_types": ["linear_attention", "full_attention"] * 2})
+    base = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(PrefixTuneError, match="linear_attention.*every layer must be attention"):
+        PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=2))
