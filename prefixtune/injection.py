@@ -186,3 +186,39 @@ class EncoderPrefixHooks:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+class DecoderPositions:
+    """Per-row decoder positions for encoder-decoder models that embed absolute positions from the
+    cache length (the BART family: BART, mBART, PLBart, Marian, Pegasus, Blenderbot).
+
+    Their decoder gives every row the positions ``cache_length + t``, which is right only when all
+    rows hold equally long prefixes and histories. A forward hook on the position embedding (an
+    ``nn.Embedding``: output = weight[position + offset]) replaces them, while :meth:`rows` is
+    active, by each row's own positions, so prefixes of different lengths and rows that joined a
+    running batch later share one batch exactly.
+    """
+
+    def __init__(self, module: nn.Embedding) -> None:
+        self._rows: torch.Tensor | None = None
+        self._offset = getattr(module, "offset", 0)
+        self._handle = module.register_forward_hook(self._hook)
+
+    @classmethod
+    def find(cls, decoder: nn.Module) -> DecoderPositions | None:
+        module = getattr(decoder, "embed_positions", None)
+        return cls(module) if isinstance(module, nn.Embedding) else None
+
+    def _hook(self, module, args, output):
+        if self._rows is None:
+            return None
+        return nn.functional.embedding(self._rows + self._offset, module.weight).to(output.dtype)  # (B, T, d)
+
+    @contextmanager
+    def rows(self, positions: torch.Tensor):
+        """Within the block, the decoder's tokens sit at ``positions`` (B, T)."""
+        self._rows = positions
+        try:
+            yield
+        finally:
+            self._rows = None

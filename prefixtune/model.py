@@ -62,6 +62,7 @@ class PrefixTunedModel(nn.Module):
         # Models that slice with transformers' helper accept a boolean (B, T) mask: LM head on targets only.
         self._target_logits = self._logits_to_keep and "slice_logits_to_keep" in inspect.getsource(type(base).forward)
         self._encoder_hooks = None
+        self.decoder_positions: injection.DecoderPositions | None = None  # per-row decoder positions (BART family)
         self.layout = AttentionLayout.read(base.config)
         if self.geometry.is_encoder_decoder:
             if not self.layout.plain:
@@ -71,6 +72,7 @@ class PrefixTunedModel(nn.Module):
             enc = self.geometry.stack("encoder")
             modules = injection.find_encoder_attention(base.get_encoder(), enc.num_layers)
             self._encoder_hooks = injection.EncoderPrefixHooks(modules)
+            self.decoder_positions = injection.DecoderPositions.find(base.get_decoder())
         else:
             self.layout.check_implementation(base.config)
             self._check_cache_geometry()
@@ -219,7 +221,7 @@ class PrefixTunedModel(nn.Module):
         with self._encoder_hooks.active(empty["encoder"].layers, record=captured):
             hidden = self.base.get_encoder()(input_ids=ids).last_hidden_state
         state = PrefixedState.seq2seq(self, empty, hidden, torch.ones_like(ids))
-        self.base(decoder_input_ids=ids, use_cache=True, **state.decoder_inputs(torch.ones_like(ids)))
+        state.run_decoder(ids, torch.ones_like(ids))
         return {
             "decoder": read_prefix(state.cache.self_attention_cache, decoder),
             "cross": read_prefix(state.cache.cross_attention_cache, self.geometry.stack("cross")),
@@ -271,7 +273,7 @@ class PrefixTunedModel(nn.Module):
         for stack in self.geometry.stacks:
             rows, mask = injection.gather_rows({n: t[stack.name] for n, t in tensors.items()}, names)
             out[stack.name] = injection.StackPrefix(stack.split(rows.to(self.dtype)), mask)
-        if self.geometry.is_encoder_decoder and self.geometry.model_type not in _RELATIVE_DECODER_POSITIONS:
+        if not self.mixes_prefix_lengths:
             lengths = {self._prefixes[n].num_tokens for n in unique}
             if len(lengths) > 1:
                 raise PrefixTuneError(
@@ -284,6 +286,17 @@ class PrefixTunedModel(nn.Module):
         """Keys/values of P trained input embeddings at positions 0..P-1: (P, d) → (P, L, 2, H, D)."""
         cache = self.base(inputs_embeds=embeds[None].to(self.dtype), cache=new_cache(), use_cache=True).cache
         return read_prefix(cache, self.geometry.stack("decoder"))
+
+    @property
+    def mixes_prefix_lengths(self) -> bool:
+        """Whether rows with prefixes (and decoder histories) of different lengths can share a batch: always
+        for decoder-only models; for encoder-decoder ones whose decoder positions are relative (T5) or
+        can be set per row (the BART family). Continuous batching in the server needs it."""
+        return (
+            not self.geometry.is_encoder_decoder
+            or self.geometry.model_type in _RELATIVE_DECODER_POSITIONS
+            or self.decoder_positions is not None
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -389,12 +402,16 @@ class PrefixTunedModel(nn.Module):
             The encoder states (B, S', d) and the key mask cross-attention uses (B, P_cross + S').
         """
         encoder = self.base.get_encoder()
-        # Right-align the source, so relative encoder positions after the prefix are the same as alone.
+        # Real source tokens first, padding last: encoder positions after the prefix are the same as alone.
         order = torch.sort(1 - attention_mask.long(), dim=1, stable=True).indices  # (B, S)
         input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
         if "embedding" in batch:  # prompt tuning: trained embeddings before the input
             embeds = torch.cat([batch["embedding"], encoder.get_input_embeddings()(input_ids)], dim=1)  # (B, P+S, d)
             mask = torch.cat([batch["embedding_mask"], attention_mask.long()], dim=1)  # (B, P+S)
+            # Each row's own embeddings and tokens first, padding last: absolute positions as alone.
+            order = torch.sort(1 - mask, dim=1, stable=True).indices
+            embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+            mask = mask.gather(1, order)
             return encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
         enc = batch["encoder"]
         queries = torch.zeros(*input_ids.shape, 1, device=self.device, dtype=self.dtype)  # shape only: (B, S, 1)
@@ -414,12 +431,7 @@ class PrefixTunedModel(nn.Module):
             decoder_attention_mask = torch.ones_like(decoder_input_ids)
         hidden, key_mask = self.encode(input_ids, attention_mask, batch)
         state = PrefixedState.seq2seq(self, batch, hidden, key_mask)
-        out = self.base(
-            decoder_input_ids=decoder_input_ids,
-            use_cache=True,
-            **state.decoder_inputs(decoder_attention_mask),
-            **kwargs,
-        )
+        out = state.run_decoder(decoder_input_ids, decoder_attention_mask, **kwargs)
         loss, count = seq2seq_loss(out.logits, labels) if labels is not None else (None, 0)
         return PrefixLMOutput(loss, out.logits, count, state.cache if use_cache else None)
 

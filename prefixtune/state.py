@@ -17,6 +17,7 @@ window-sized ring), which keeps the identity "prefix ≡ that prompt" exact.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -158,15 +159,20 @@ class PrefixedState:
         key_pos: (B, K) position id of each key slot (decoder-only models).
         next_pos: (B,) position id of the next token (decoder-only models).
         encoder_hidden: (B, S, d) encoder states (encoder-decoder models).
-        cross_mask: (B, 1, 1, P_cross + S) cross-attention mask (encoder-decoder models).
+        cross_keys: (B, P_cross + S) 1 for the cross-attention keys a row attends to (encoder-decoder models).
+        cross_mask: ``cross_keys`` as the model's 4D mask (B, 1, 1, P_cross + S).
     """
 
     def __init__(
-        self, model, cache, mask, key_pos=None, next_pos=None, encoder_hidden=None, cross_mask=None, keeps=True
+        self, model, cache, mask, key_pos=None, next_pos=None, encoder_hidden=None, cross_keys=None, keeps=True
     ):
         self.model, self.cache, self.mask, self.keeps = model, cache, mask, keeps
         self.key_pos, self.next_pos = key_pos, next_pos
-        self.encoder_hidden, self.cross_mask = encoder_hidden, cross_mask
+        self.encoder_hidden, self.cross_keys = encoder_hidden, cross_keys
+        self.cross_mask = None
+        if cross_keys is not None:
+            queries = encoder_hidden.new_zeros(len(cross_keys), 1, 1)  # shape only
+            self.cross_mask = bidirectional_mask(model.base.config, queries, cross_keys)
 
     @property
     def rows(self) -> int:
@@ -187,7 +193,6 @@ class PrefixedState:
     def seq2seq(cls, model, batch: dict, encoder_hidden, cross_key_mask) -> PrefixedState:
         """An encoder-decoder batch after its encoder pass, before the first decoder token."""
         rows = encoder_hidden.shape[0]
-        queries = encoder_hidden.new_zeros(rows, 1, 1)  # shape only
         if "embedding" in batch:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             mask = torch.zeros(rows, 0, dtype=torch.long, device=encoder_hidden.device)
@@ -196,8 +201,7 @@ class PrefixedState:
             for i in cache.is_updated:  # the model appends the encoder's keys after the cross prefix
                 cache.is_updated[i] = False
             mask = batch["decoder"].mask.long()
-        cross = bidirectional_mask(model.base.config, queries, cross_key_mask)  # (B, 1, 1, K)
-        return cls(model, cache, mask, encoder_hidden=encoder_hidden, cross_mask=cross)
+        return cls(model, cache, mask, encoder_hidden=encoder_hidden, cross_keys=cross_key_mask.long())
 
     @property
     def is_seq2seq(self) -> bool:
@@ -225,15 +229,27 @@ class PrefixedState:
             "cache": self.cache,
         }
 
-    def decoder_inputs(self, decoder_mask: torch.Tensor) -> dict:
-        """Encoder-decoder: record T decoder tokens and return the model arguments of the decoder pass."""
-        self.mask = torch.cat([self.mask, decoder_mask.long()], dim=1)
-        return {
-            "encoder_outputs": (self.encoder_hidden,),
-            "attention_mask": self.cross_mask,
-            "decoder_attention_mask": self.mask,
-            "cache": self.cache,
-        }
+    def run_decoder(self, decoder_input_ids: torch.Tensor, decoder_mask: torch.Tensor, **kwargs):
+        """Encoder-decoder: one decoder pass over (B, T) tokens after what the state holds; records them.
+
+        Each row's tokens take its own next positions (its prefix and history, not the batch's
+        padded width): through the position hook where the decoder embeds absolute positions, and
+        by right-aligned keys where positions are relative (T5).
+        """
+        decoder_mask = decoder_mask.long()
+        rows_pos = positions(self.mask.sum(dim=1), decoder_mask)  # (B, T)
+        self.mask = torch.cat([self.mask, decoder_mask], dim=1)
+        hook = self.model.decoder_positions
+        with hook.rows(rows_pos) if hook is not None else nullcontext():
+            return self.model.base(
+                encoder_outputs=(self.encoder_hidden,),
+                attention_mask=self.cross_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=self.mask,
+                cache=self.cache,
+                use_cache=True,
+                **kwargs,
+            )
 
     @classmethod
     def prefill(cls, model, input_ids, attention_mask, prefix) -> tuple[PrefixedState, torch.Tensor]:
@@ -261,7 +277,7 @@ class PrefixedState:
         ones = torch.ones(len(tokens), 1, dtype=torch.long, device=tokens.device)
         base = self.model.base
         if self.is_seq2seq:
-            out = base(decoder_input_ids=tokens[:, None], use_cache=True, **self.decoder_inputs(ones))
+            out = self.run_decoder(tokens[:, None], ones)
         else:
             queries = torch.zeros(len(tokens), 1, 1, device=tokens.device, dtype=self.model.dtype)  # shape only
             out = base(input_ids=tokens[:, None], use_cache=True, **self.causal_inputs(ones, queries))
@@ -272,45 +288,67 @@ class PrefixedState:
         """Keep (and repeat) rows ``index`` (B',): beam reordering and expansion, rows leaving."""
         self.cache.reorder_cache(index)
         self.mask = self.mask[index]
-        for name in ("key_pos", "next_pos", "encoder_hidden", "cross_mask"):
+        for name in ("key_pos", "next_pos", "encoder_hidden", "cross_keys", "cross_mask"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[index])
 
     def trim(self) -> None:
-        """Drop leading key slots that no row attends to (after rows have left the batch).
-
-        Decoder-only only: encoder-decoder rows all start decoding together, so there is no padding to drop.
-        """
-        if self.is_seq2seq:
-            return
+        """Drop leading (self-attention) key slots that no row attends to, after rows have left the batch."""
         used = self.mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else self.mask.shape[1]
         if start == 0:
             return
-        for layer in self.cache.layers:
+        cache = self.cache.self_attention_cache if self.is_seq2seq else self.cache
+        for layer in cache.layers:
             layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-        self.mask, self.key_pos = self.mask[:, start:], self.key_pos[:, start:]
+        self.mask = self.mask[:, start:]
+        if self.key_pos is not None:
+            self.key_pos = self.key_pos[:, start:]
 
     @classmethod
     def merge(cls, states: list[PrefixedState]) -> PrefixedState:
-        """Stack decoder-only states into one batch (continuous batching).
+        """Stack states into one batch (continuous batching): rows keep exactly what they would compute alone.
 
-        Shorter histories are left-padded with masked zeros; positions are per key, so every row
-        computes exactly what it would alone.
+        Shorter histories are left-padded with masked zeros. Decoder-only rows carry their positions
+        per key; encoder-decoder rows (each past its first decoder step) carry their cross-attention
+        keys, padded the same way, and their decoder positions per row (see :meth:`run_decoder`).
         """
-        if any(s.is_seq2seq for s in states):
-            raise PrefixTuneError("continuous batching supports decoder-only models")
+        first = states[0]
         width = max(s.mask.shape[1] for s in states)
-        cache = DynamicCache()
-        for i in range(len(states[0].cache.layers)):
-            keys = torch.cat([_pad_left(s.cache.layers[i].keys, width, 2) for s in states])  # (B, H, S, D)
-            values = torch.cat([_pad_left(s.cache.layers[i].values, width, 2) for s in states])
-            cache.update(keys, values, i)
-        return cls(
-            states[0].model,
-            cache,
-            torch.cat([_pad_left(s.mask, width, 1) for s in states]),
-            key_pos=torch.cat([_pad_left(s.key_pos, width, 1) for s in states]),
-            next_pos=torch.cat([s.next_pos for s in states]),
+        mask = torch.cat([_pad_left(s.mask, width, 1) for s in states])
+        if not first.is_seq2seq:
+            return cls(
+                first.model,
+                _stacked([s.cache for s in states], width),
+                mask,
+                key_pos=torch.cat([_pad_left(s.key_pos, width, 1) for s in states]),
+                next_pos=torch.cat([s.next_pos for s in states]),
+            )
+        if not all(all(s.cache.is_updated.values()) for s in states):
+            raise PrefixTuneError("encoder-decoder states merge after their first decoder step (see prefill)")
+        cross_width = max(s.cross_keys.shape[1] for s in states)
+        cache = EncoderDecoderCache(
+            _stacked([s.cache.self_attention_cache for s in states], width),
+            _stacked([s.cache.cross_attention_cache for s in states], cross_width),
         )
+        for i in cache.is_updated:
+            cache.is_updated[i] = True
+        source = max(s.encoder_hidden.shape[1] for s in states)
+        return cls(
+            first.model,
+            cache,
+            mask,
+            encoder_hidden=torch.cat([_pad_left(s.encoder_hidden, source, 1) for s in states]),
+            cross_keys=torch.cat([_pad_left(s.cross_keys, cross_width, 1) for s in states]),
+        )
+
+
+def _stacked(caches: list, width: int) -> DynamicCache:
+    """One cache holding the rows of ``caches``, each layer left-padded to ``width`` keys."""
+    out = DynamicCache()
+    for i in range(len(caches[0].layers)):
+        keys = torch.cat([_pad_left(c.layers[i].keys, width, 2) for c in caches])  # (B, H, S, D)
+        values = torch.cat([_pad_left(c.layers[i].values, width, 2) for c in caches])
+        out.update(keys, values, i)
+    return out

@@ -166,7 +166,7 @@ def _mixed_equals_alone(model, lengths_differ):
             torch.testing.assert_close(mixed.logits[i, :n], alone.logits[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5", "bart"])
 @pytest.mark.parametrize("mode", ["kv", "embedding"])
 def test_8b_mixed_batch_with_different_prefix_lengths_equals_each_row_alone(family, mode):
     _mixed_equals_alone(_two_prefixes(family, (3, 5), mode), True)
@@ -176,11 +176,16 @@ def test_8b_bart_mixed_batch_of_equal_length_prefixes():
     _mixed_equals_alone(_two_prefixes("bart", (4, 4)), False)
 
 
-def test_bart_refuses_prefixes_of_different_lengths_in_one_batch():
+def test_bart_takes_each_rows_decoder_positions_through_the_position_hook():
+    """Without the hook, BART's decoder places every row after the batch's longest prefix: the mixed batch
+    then differs from each row alone — so the test above checks the hook, and a model lacking it refuses."""
     model = _two_prefixes("bart", (3, 5))
+    hook, model.decoder_positions = model.decoder_positions, None
     ids, mask = _batch([[5, 6], [7, 8]])
     with pytest.raises(PrefixTuneError, match="absolute decoder positions"):
         model(ids, mask, labels=ids, prefix=["A", "B"])
+    model.decoder_positions = hook
+    model(ids, mask, labels=ids, prefix=["A", "B"])
 
 
 def test_mixed_loss_equals_mean_of_rows():

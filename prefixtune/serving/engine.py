@@ -5,9 +5,12 @@ forward pass per decoding step, whatever their prefixes: new requests are prefil
 running batch between steps; finished ones leave. The engine works on token ids only; text,
 HTTP and streaming live in :mod:`prefixtune.serving.app`.
 
-Greedy and sampled requests on decoder-only models are batched continuously. Beam search
-requests, and all requests on encoder-decoder models, are decoded as one static mixed-prefix batch
-per admission round and set of options. Every request carries one
+Greedy and sampled requests are batched continuously, on decoder-only and encoder-decoder models
+alike (an encoder-decoder request is encoded and takes its first decoder step when it joins; T5's
+relative positions and the BART family's per-row positions let prefixes and histories of any
+length share the batch). Beam search requests — and every request on an encoder-decoder model
+whose decoder positions cannot be set per row — are decoded as one static mixed-prefix batch per
+admission round and set of options. Every request carries one
 :class:`prefixtune.GenerationOptions`, and its tokens are chosen by the same
 :class:`prefixtune.generation.TokenChooser` (or beam search) that offline ``generate`` uses.
 """
@@ -108,7 +111,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.continuous = not model.geometry.is_encoder_decoder
+        self.continuous = model.mixes_prefix_lengths
 
     # ------------------------------------------------------------------ public
     def submit(self, request: Request) -> Request:
@@ -211,8 +214,12 @@ class Engine:
         """The request's token chooser, with its own generator (seeded with its seed, else its id)."""
         device = self.model.device
         generator = generation.seeded(request.options.seed, device, default=request.id)
-        request.chooser = generation.TokenChooser(request.options, len(request.input_ids), sorted(self.eos), generator)
-        request.seq = torch.tensor([request.input_ids], device=device)
+        if self.model.geometry.is_encoder_decoder:  # processors read the decoder's tokens
+            prompt = [self.model.base.config.decoder_start_token_id]
+        else:
+            prompt = request.input_ids
+        request.chooser = generation.TokenChooser(request.options, len(prompt), sorted(self.eos), generator)
+        request.seq = torch.tensor([prompt], device=device)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token with its own options; record and report it."""
@@ -310,6 +317,7 @@ def _static_groups(requests: list[Request], model) -> list[list[Request]]:
     groups: dict[tuple, list[Request]] = {}
     for r in requests:
         alone = r.id if r.options.do_sample else None
-        key = (r.options.decoding_key(), model.get_prefix(r.prefix).num_tokens, alone)
+        length = None if model.mixes_prefix_lengths else model.get_prefix(r.prefix).num_tokens
+        key = (r.options.decoding_key(), length, alone)
         groups.setdefault(key, []).append(r)
     return list(groups.values())
