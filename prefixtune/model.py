@@ -22,7 +22,7 @@ from .errors import PrefixTuneError
 from .geometry import read_geometry
 from .outputs import PrefixLMOutput, causal_loss, seq2seq_loss
 from .prefix import Prefix
-from .state import AttentionLayout, PrefixedState, new_cache, read_prefix
+from .state import AttentionLayout, PrefixedState, cached_shapes, new_cache, read_prefix
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # whole name: fullmatch (a "$" would allow a final newline)
 
@@ -84,12 +84,12 @@ class PrefixTunedModel(nn.Module):
             return
         stack = self.geometry.stack("decoder")
         cache = self.base(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=new_cache()).cache
-        want = [(1, stack.num_kv_heads, 1, stack.head_dim), (1, stack.num_kv_heads, 1, stack.v_dim)]
-        for i, layer in enumerate(cache.layers):
-            got = [tuple(layer.keys.shape), tuple(layer.values.shape)]
-            if got != want or len(cache.layers) != stack.num_layers:
+        want = ((1, stack.num_kv_heads, 1, stack.head_dim), (1, stack.num_kv_heads, 1, stack.v_dim))
+        shapes = cached_shapes(cache)
+        for i, got in enumerate(shapes):
+            if got != want or len(shapes) != stack.num_layers:
                 raise PrefixTuneError(
-                    f"unsupported model {self.geometry.model_type!r}: layer {i} of {len(cache.layers)} caches keys "
+                    f"unsupported model {self.geometry.model_type!r}: layer {i} of {len(shapes)} caches keys "
                     f"and values of shapes {got}, but its config describes {stack.num_layers} layers of {want}"
                 )
 

@@ -134,6 +134,11 @@ def read_prefix(cache, stack) -> torch.Tensor:
     return stack.join([(layer.keys[0], layer.values[0]) for layer in cache.layers])
 
 
+def cached_shapes(cache) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per layer, the shapes of the keys and values a cache holds."""
+    return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
+
+
 def new_cache():
     """An empty cache that keeps every layer's whole history (for reading a prompt's keys and values)."""
     return DynamicCache()

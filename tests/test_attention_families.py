@@ -184,3 +184,24 @@ def test_layers_without_keys_and_values_are_refused_with_the_reason():
     base = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(PrefixTuneError, match="linear_attention.*every layer must be attention"):
         PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=2))
+
+
+def test_only_the_state_module_touches_transformers_caches():
+    """Issue 15, point 1: one object owns the prefixed decoding state; no other module reaches into caches."""
+    import re
+    from pathlib import Path
+
+    import prefixtune
+
+    pattern = re.compile(
+        r"DynamicCache|EncoderDecoderCache|is_updated|reorder_cache|cache\.layers|layer\.keys|cache_utils"
+    )
+    root = Path(prefixtune.__file__).parent
+    offenders = [
+        f"{path.relative_to(root)}:{i}"
+        for path in root.rglob("*.py")
+        if path.name != "state.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line) and not line.lstrip().startswith(("#", "*"))
+    ]
+    assert offenders == []
