@@ -22,7 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 from .options import GenerationOptions
-from .state import PrefixedState
+from .state import PrefixedState, decoder_start
 
 __all__ = ["GenerationOptions", "TokenChooser", "eos_and_pad", "generate"]
 
@@ -122,7 +122,7 @@ def generate(
         with torch.no_grad():
             state, logits = PrefixedState.prefill(model, input_ids, attention_mask, prefix)
             if model.geometry.is_encoder_decoder:
-                prompt = torch.full((len(input_ids), 1), config.decoder_start_token_id, device=input_ids.device)
+                prompt = torch.full((len(input_ids), 1), decoder_start(model.base), device=input_ids.device)
             else:
                 prompt = input_ids
             if opts.num_beams > 1:

@@ -161,6 +161,8 @@ def read_geometry(config) -> Geometry:
         PrefixTuneError: If a needed field is missing, naming it.
     """
     model_type = getattr(config, "model_type", "?")
+    if not getattr(config, "is_encoder_decoder", False) and hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)  # multimodal wrappers: the language model's config
     if getattr(config, "is_encoder_decoder", False):
         enc_l, dec_l, enc_h, dec_h, hd = _ENC_DEC_FIELDS.get(model_type, _ENC_DEC_FIELDS["default"])
         hidden = _first(config, ("d_model", "hidden_size"), "hidden size")

@@ -134,6 +134,18 @@ def read_prefix(cache, stack) -> torch.Tensor:
     return stack.join([(layer.keys[0], layer.values[0]) for layer in cache.layers])
 
 
+def decoder_start(base) -> int:
+    """The token an encoder-decoder model's decoder starts from, found as Hugging Face ``generate`` finds it:
+    ``decoder_start_token_id`` (config, then generation config), else ``bos_token_id``."""
+    configs = (base.config, getattr(base, "generation_config", None))
+    for name in ("decoder_start_token_id", "bos_token_id"):
+        for config in configs:
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+    raise PrefixTuneError("the model config sets no decoder_start_token_id; set model.config.decoder_start_token_id")
+
+
 def cached_shapes(cache) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Per layer, the shapes of the keys and values a cache holds."""
     return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
@@ -274,7 +286,7 @@ class PrefixedState:
             return state, out.logits[:, -1]
         hidden, key_mask = model.encode(input_ids, attention_mask, batch)
         state = cls.seq2seq(model, batch, hidden, key_mask)
-        start = torch.full((input_ids.shape[0],), model.base.config.decoder_start_token_id, device=model.device)
+        start = torch.full((input_ids.shape[0],), decoder_start(model.base), device=model.device)
         return state, state.extend(start)
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:

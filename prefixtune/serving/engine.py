@@ -30,7 +30,7 @@ from .. import generation
 from ..errors import PrefixTuneError
 from ..features import left_pad
 from ..options import GenerationOptions
-from ..state import PrefixedState
+from ..state import PrefixedState, decoder_start
 
 
 @dataclass
@@ -215,7 +215,7 @@ class Engine:
         device = self.model.device
         generator = generation.seeded(request.options.seed, device, default=request.id)
         if self.model.geometry.is_encoder_decoder:  # processors read the decoder's tokens
-            prompt = [self.model.base.config.decoder_start_token_id]
+            prompt = [decoder_start(self.model.base)]
         else:
             prompt = request.input_ids
         request.chooser = generation.TokenChooser(request.options, len(prompt), sorted(self.eos), generator)
