@@ -137,7 +137,10 @@ class Geometry:
 
 def _first(config, names: tuple[str, ...], what: str, required: bool = True):
     for name in names:
-        value = getattr(config, name, None)
+        try:
+            value = getattr(config, name, None)
+        except Exception:  # noqa: BLE001 - e.g. per-layer attributes that transformers refuses to give globally
+            value = None
         if isinstance(value, int) and value > 0:
             return value
     if required:

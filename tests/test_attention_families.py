@@ -13,7 +13,7 @@ import torch
 from tiny import TinyTokenizer
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from prefixtune import PrefixConfig, PrefixTunedModel, PrefixTuneError
+from prefixtune import GenerationOptions, PrefixConfig, PrefixTunedModel, PrefixTuneError
 from prefixtune.state import PrefixedState
 
 TOK = TinyTokenizer()
@@ -179,10 +179,31 @@ def test_latent_attention_prefix_holds_the_cached_latents():
     assert model.get_prefix().parts["decoder"].flat.shape == (2, 4, 1, 12)
 
 
-def test_layers_without_keys_and_values_are_refused_with_the_reason():
+def _hybrid():
     config = CONFIG_MAPPING["qwen3_next"](**{**SMALL, "layer_types": ["linear_attention", "full_attention"] * 2})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_hybrid_models_take_the_prefix_on_their_attention_layers_and_say_so():
+    with pytest.warns(UserWarning, match="2 attention layers only.*2 recurrent layers"):
+        model = PrefixTunedModel.wrap(_hybrid(), PrefixConfig(num_virtual_tokens=4, init_std=0.5), TOK, name="A")
+    assert model.geometry.stack("decoder").num_layers == 2  # of 4 layers
+    torch.manual_seed(1)
+    model.add_prefix("B", PrefixConfig(num_virtual_tokens=2, init_std=0.5, reparameterize=False))
+    rows, names = [[5, 6, 7, 8, 9], [10, 11]], ["A", "B"]
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]])
+    mask = (ids != 0).long()
+    batched = model.generate(ids, mask, prefix=names, max_new_tokens=6, eos_token_id=[])
+    for i, (row, name) in enumerate(zip(rows, names)):
+        alone = model.generate(torch.tensor([row]), prefix=name, max_new_tokens=6, eos_token_id=[])
+        assert batched[i, 5:].tolist() == alone[0, len(row) :].tolist()
+
+
+def test_layers_of_unknown_kinds_are_refused_with_the_reason():
+    config = CONFIG_MAPPING["nemotron_h"](**{**SMALL, "num_hidden_layers": 4})
     base = AutoModelForCausalLM.from_config(config).eval()
-    with pytest.raises(PrefixTuneError, match="linear_attention.*every layer must be attention"):
+    with pytest.raises(PrefixTuneError, match="layers include .*every layer must be attention"):
         PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=2))
 
 
@@ -205,3 +226,23 @@ def test_only_the_state_module_touches_transformers_caches():
         if pattern.search(line) and not line.lstrip().startswith(("#", "*"))
     ]
     assert offenders == []
+
+
+def test_the_server_engine_decodes_hybrid_models_in_static_batches_equal_to_alone():
+    from prefixtune.serving.engine import Engine, Request
+
+    with pytest.warns(UserWarning):
+        model = PrefixTunedModel.wrap(_hybrid(), PrefixConfig(num_virtual_tokens=4, init_std=0.5), TOK, name="A")
+    engine = Engine(model, eos_token_ids=[], pad_token_id=0)
+    assert not engine.continuous  # recurrent states do not merge
+    done = {}
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    with torch.inference_mode():
+        for i, ids in enumerate(prompts):
+            options = GenerationOptions(max_new_tokens=5)
+            engine.submit(Request("A", ids, options, on_done=lambda r, t, i=i: done.__setitem__(i, t)))
+        while engine.busy:
+            engine.step()
+    for i, ids in enumerate(prompts):
+        alone = model.generate(torch.tensor([ids]), prefix="A", max_new_tokens=5, eos_token_id=[])
+        assert done[i] == alone[0, len(ids) :].tolist()

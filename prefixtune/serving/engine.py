@@ -111,7 +111,10 @@ class Engine:
         self._ids = itertools.count(1)
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.continuous = model.mixes_prefix_lengths
+        # Rows join a running batch by merging states; recurrent layers' states (hybrid models) do not merge.
+        self.continuous = model.mixes_prefix_lengths and (
+            model.geometry.is_encoder_decoder or not model.layout.recurrent
+        )
 
     # ------------------------------------------------------------------ public
     def submit(self, request: Request) -> Request:
