@@ -8,7 +8,6 @@ L layers, H key/value heads, D head dim, d hidden size, V vocabulary.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import re
 import warnings
@@ -17,23 +16,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import injection
+from . import injection, support
 from .config import PrefixConfig
 from .errors import PrefixTuneError
-from .geometry import StackGeometry, read_geometry
+from .geometry import read_geometry
 from .outputs import PrefixLMOutput, causal_loss, seq2seq_loss
 from .prefix import Prefix
-from .state import AttentionLayout, PrefixedState, cached_shapes, decoder_start, new_cache, read_prefix
+from .state import AttentionLayout, PrefixedState, decoder_start, new_cache, read_prefix
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # whole name: fullmatch (a "$" would allow a final newline)
-
-
-def _close(got: torch.Tensor, want: torch.Tensor, message: str, dtype: torch.dtype) -> None:
-    """Raise ``message`` unless ``got`` equals ``want`` up to rounding: 0.02% of the logits' scale in fp32
-    (TF32 matmuls included), 5% in 16-bit types."""
-    scale = want.abs().max().clamp(min=1.0) * (2e-4 if dtype == torch.float32 else 5e-2)
-    if got.shape != want.shape or not torch.isfinite(got).all() or (got - want).abs().max() > scale:
-        raise PrefixTuneError(message)
 
 
 def check_prefix_name(name: str) -> str:
@@ -84,102 +75,8 @@ class PrefixTunedModel(nn.Module):
             self.decoder_positions = injection.DecoderPositions.find(base.get_decoder())
         else:
             self.layout.check_implementation(base.config)
-            self._geometry_from_cache()
-
-    @torch.no_grad()
-    def _geometry_from_cache(self) -> None:
-        """Decoder-only: the prefix holds what the model itself caches per layer and token.
-
-        One token is run through the model and the key and value shapes of every layer are read
-        from its cache, so multi-query models that declare more heads than they cache (Falcon,
-        GPTBigCode), unusual head widths and latent attention all get the prefix the model uses.
-        """
-        if any(p.is_meta for p in self.base.parameters()):
-            return
-        name = self.geometry.model_type
-        try:
-            out = self.base(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=new_cache(self))
-        except (ValueError, TypeError) as e:
-            raise PrefixTuneError(f"unsupported model {name!r}: it does not run with transformers' cache ({e})") from e
-        cache = getattr(out, "cache", None)
-        if cache is None:
-            raise PrefixTuneError(
-                f"unsupported model {name!r}: it returns no cache of keys and values, so a prefix cannot enter it "
-                "(encoder models used as decoders need is_decoder=True and cache support)"
-            )
-        shapes = cached_shapes(cache, self.layout)
-        layers = len(self.layout.attention_indices)
-        if len(shapes) != layers or len(set(shapes)) != 1:
-            raise PrefixTuneError(
-                f"unsupported model {name!r}: its {len(shapes)} attention layers cache keys and values of shapes "
-                f"{sorted(set(shapes))}; prefixtune needs every layer to cache one shape ({layers} expected)"
-            )
-        (_, heads, _, key_dim), (_, value_heads, _, value_dim) = shapes[0]
-        if heads != value_heads:
-            raise PrefixTuneError(f"unsupported model {name!r}: {heads} key heads but {value_heads} value heads")
-        found = StackGeometry("decoder", layers, heads, key_dim, value_dim if value_dim != key_dim else None)
-        self.geometry = dataclasses.replace(self.geometry, stacks=(found,))
-        if self.layout.recurrent:
-            warnings.warn(
-                f"{name}: the prefix enters its {layers} attention layers only; its "
-                f"{self.layout.num_layers - layers} recurrent layers ({', '.join(self.layout.recurrent_types)}) "
-                "start from their usual empty state, so a prefix is not the same as a prompt there",
-                stacklevel=3,
-            )
-        self._self_check()
-
-    @torch.no_grad()
-    def _self_check(self) -> None:
-        """Decoder-only: refuse a model that does not honour a prefix, instead of computing something else.
-
-        A 3-token prompt's keys and values, given as a prefix, must reproduce that prompt (§7.2's
-        identity), and a batch mixing that prefix with a 2-token one over padded inputs must equal
-        each row alone. A few forward passes over 5 tokens.
-        """
-        vocab = self.base.get_input_embeddings().num_embeddings
-        words = torch.arange(3, 6, device=self.device)[None] % vocab  # (1, 3)
-        inputs = torch.arange(6, 10, device=self.device)[None] % vocab  # (1, 4)
-        name = self.geometry.model_type
-        parts = [("check3", words), ("check2", words[:, :2])]
-        try:
-            for part, ids in parts:
-                prefix = Prefix(PrefixConfig(num_virtual_tokens=ids.shape[1], reparameterize=False), self.geometry)
-                prefix.parts["decoder"].fit(self._activations(ids, "kv")["decoder"].float())
-                self.put_prefix(part, prefix.to(self.dtype))
-            got = self(inputs, prefix="check3").logits.float()
-            want = self.base(input_ids=torch.cat([words, inputs], dim=1)).logits[:, 3:].float()
-            if self.layout.recurrent:  # recurrent layers do not see the prefix: no prompt identity to check
-                want = got
-            _close(
-                got,
-                want,
-                f"unsupported model {name!r}: a prompt's keys and values, given as a prefix, do not "
-                "reproduce the prompt (the model computes attention in a way a prefix cannot enter)",
-                self.dtype,
-            )
-            ids = torch.cat([inputs, torch.zeros_like(inputs[:, :2])], dim=1).repeat(2, 1)  # (2, 6), right-padded
-            ids[1] = torch.roll(ids[1], 2)
-            mask = (torch.arange(6, device=self.device) < 4).long().repeat(2, 1)
-            mask[1] = torch.roll(mask[1], 2)
-            mixed = self(ids, mask, prefix=["check3", "check2"]).logits.float()
-            alone = self(inputs, prefix="check2").logits.float()
-            _close(
-                mixed[1, 2:][None],
-                alone,
-                f"unsupported model {name!r}: a batch mixing prefix lengths over padded "
-                "inputs differs from each row alone (the model does not honour the attention mask or positions)",
-                self.dtype,
-            )
-            _close(
-                mixed[0, :4][None],
-                got,
-                f"unsupported model {name!r}: a batch row differs from the same row alone",
-                self.dtype,
-            )
-        finally:
-            for part, _ in parts:
-                if self.has_prefix(part):
-                    self.remove_prefix(part)
+            self.geometry = support.geometry_from_cache(self)
+            support.self_check(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
