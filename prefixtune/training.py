@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,10 @@ from transformers import get_linear_schedule_with_warmup
 from . import checkpoint as ckpt
 from . import distributed
 from .base import load_base
+from .batching import accumulate as _accumulate
+from .batching import batches
+from .batching import passes as _passes
+from .batching import to_device as _to
 from .compiling import compile_layers, uncompile_layers
 from .config import PrefixConfig
 from .data import Example, load_examples, subset
@@ -33,6 +36,8 @@ from .errors import PrefixTuneError
 from .features import Formatter, collate, context_length
 from .files import base_fingerprint, write_json
 from .model import PrefixTunedModel
+from .plan import print_plan as _print_plan
+from .plan import progress_bar as _progress
 
 
 @dataclass
@@ -157,28 +162,6 @@ def _load_splits(cfg: TrainConfig) -> tuple[list[Example], list[Example], int]:
     else:
         dev = []
     return train, dev[: cfg.dev_size] if cfg.dev_size else dev, len(dev)
-
-
-def batches(num: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
-    """The epoch's shuffled batches of example indices, fixed by (seed, epoch).
-
-    With ``lengths``, examples of similar length share a batch (less padding): the shuffled order is
-    cut into windows of 50 batches, each window is sorted by length and cut into batches, and the
-    batches are shuffled again.
-    """
-    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    if lengths is None:
-        return [order[i : i + batch_size] for i in range(0, num, batch_size)]
-    window, out = 50 * batch_size, []
-    for i in range(0, num, window):
-        chunk = sorted(order[i : i + window], key=lambda j: lengths[j])
-        out += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
-    shuffle = torch.randperm(len(out), generator=torch.Generator().manual_seed(seed * 100_003 + epoch + 50_000))
-    return [out[k] for k in shuffle.tolist()]
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -456,73 +439,6 @@ class _Run:
         if self.cfg.compile:
             uncompile_layers(self.model)
         return TrainResult(self.run_dir, self.step_count, self.loss_value, self.best, self.best_step, self.model)
-
-
-def _passes(batch: list, dist, micro: int, targets: int) -> list[tuple[list, float]]:
-    """This process's micro-batches of a global batch, each with its loss weight.
-
-    The weight is world size ÷ the global batch's target tokens: a micro-batch's mean loss times its
-    target tokens times the weight makes the gradient, once DDP has averaged it over processes,
-    exactly that of the mean loss over the global batch. Every process runs the same number of
-    passes (rank 0's share is the largest): a process with fewer examples adds zero-weight passes, so
-    that DDP's and FSDP's collectives stay in step.
-    """
-    mine = dist.shard(batch)
-    chunks = [(mine[j : j + micro], dist.world_size / targets) for j in range(0, len(mine), micro)]
-    most = math.ceil(math.ceil(len(batch) / dist.world_size) / micro)
-    return chunks + [(batch[:1], 0.0)] * (most - len(chunks))
-
-
-def _accumulate(runner, device, passes: list[tuple[list, float]], pad_id: int, scaler, ddp: bool) -> float:
-    """Forward and backward each weighted micro-batch; DDP synchronizes once, after the last one.
-
-    Returns the sum of the per-token losses of the real (non-zero-weight) passes.
-    """
-    from contextlib import nullcontext
-
-    loss_sum = 0.0
-    for j, (features, weight) in enumerate(passes):
-        sync = runner.no_sync() if ddp and j != len(passes) - 1 else nullcontext()
-        with sync:
-            out = runner(**_to(collate(features, pad_id), device), loss_only=True)
-            scaler.scale(out.loss * (out.num_target_tokens * weight)).backward()
-        if weight > 0:
-            loss_sum += float(out.loss.detach()) * out.num_target_tokens
-    return loss_sum
-
-
-def plan_text(cfg: TrainConfig, train: int, dev: int, dev_available: int, per_epoch: int, total: int, step: int) -> str:
-    """What a run will do, in one paragraph: examples, steps, epochs, dev evaluations."""
-    epochs = total / per_epoch
-    lines = [
-        f"train: {train:,} examples, {total:,} steps of {cfg.batch_size} "
-        f"({epochs:.3g} epoch{'s' if epochs != 1 else ''} of {per_epoch:,} steps)"
-    ]
-    if dev:
-        cut = f" (the first {dev:,} of {dev_available:,}; --dev-size sets how many, 'all' for every one)"
-        evaluations = math.ceil(total / per_epoch)
-        lines.append(
-            f"dev loss: {dev:,} examples{cut if dev < dev_available else ''}, "
-            f"after every epoch ({evaluations:,} time{'s' if evaluations != 1 else ''}, "
-            f"{math.ceil(dev / cfg.batch_size):,} batches each); the best on dev is kept"
-        )
-    else:
-        lines.append("dev loss: no dev examples; the last prefix is kept")
-    if step:
-        lines.append(f"resuming at step {step:,}")
-    return "\n".join(lines)
-
-
-def _print_plan(cfg: TrainConfig, *args) -> None:
-    print(plan_text(cfg, *args), file=sys.stderr, flush=True)
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 def read_log(run_dir) -> list[dict]:
