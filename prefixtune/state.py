@@ -117,11 +117,17 @@ def self_attention_mask(config, layout: AttentionLayout, queries, key_mask, key_
 
 
 # ---------------------------------------------------------------------- caches
+def _filled_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
+    """A cache layer holding the prefix that keeps its whole history."""
+    layer = DynamicLayer()
+    layer.update(keys, values)
+    return layer
+
+
 def _filled(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A cache holding the prefix at every layer; every layer keeps its whole history."""
+    """A cache holding the prefix at every layer (encoder-decoder self- and cross-attention)."""
     cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
+    cache.layers = [_filled_layer(k, v) for k, v in layers]
     return cache
 
 
@@ -144,21 +150,20 @@ class _ReadOnlyPrefixLayer(DynamicLayer):
 def _prefix_cache(model, layers: list[tuple[torch.Tensor, torch.Tensor]], keep: bool) -> DynamicCache:
     """A decoder-only cache holding the prefix at every attention layer (each keeps its whole history;
     with ``keep=False`` they store nothing). Recurrent layers of hybrid models get their usual empty state."""
-    made = []
-    for k, v in layers:
-        if keep:
-            layer = DynamicLayer()
-            layer.update(k, v)
-        else:
-            layer = _ReadOnlyPrefixLayer(k, v)
-        made.append(layer)
+    make = _filled_layer if keep else _ReadOnlyPrefixLayer
+    return _decoder_cache(model, [make(k, v) for k, v in layers])
+
+
+def _decoder_cache(model, attention_layers: list) -> DynamicCache:
+    """A decoder-only cache with ``attention_layers`` at the model's attention layers; the recurrent layers
+    of hybrid models get their usual empty state, as transformers builds it from the config."""
     layout = model.layout
     if not layout.recurrent:
         cache = DynamicCache()
-        cache.layers = made
+        cache.layers = attention_layers
         return cache
     cache = DynamicCache(config=model.base.config)
-    for index, layer in zip(layout.attention_indices, made):
+    for index, layer in zip(layout.attention_indices, attention_layers):
         cache.layers[index] = layer
     return cache
 
@@ -194,14 +199,10 @@ def cached_shapes(cache, layout: AttentionLayout | None = None) -> list[tuple[tu
     return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in _attention_layers(cache, layout)]
 
 
-def new_cache(model=None):
-    """An empty cache whose attention layers keep their whole history (for reading a prompt's keys and values)."""
-    if model is None or not model.layout.recurrent:
-        return DynamicCache()
-    cache = DynamicCache(config=model.base.config)
-    for index in model.layout.attention_indices:
-        cache.layers[index] = DynamicLayer()
-    return cache
+def new_cache(model) -> DynamicCache:
+    """An empty decoder-only cache whose attention layers keep their whole history (for reading a prompt's
+    keys and values)."""
+    return _decoder_cache(model, [DynamicLayer() for _ in model.layout.attention_indices])
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -380,7 +381,7 @@ class PrefixedState:
         keys, padded the same way, and their decoder positions per row (see :meth:`run_decoder`).
         """
         first = states[0]
-        if not first.is_seq2seq and first.model.layout.recurrent:
+        if first.model.layout.recurrent:
             raise PrefixTuneError("states of models with recurrent layers cannot be merged; decode them together")
         width = max(s.mask.shape[1] for s in states)
         mask = torch.cat([_pad_left(s.mask, width, 1) for s in states])

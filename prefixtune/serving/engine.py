@@ -112,9 +112,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         # Rows join a running batch by merging states; recurrent layers' states (hybrid models) do not merge.
-        self.continuous = model.mixes_prefix_lengths and (
-            model.geometry.is_encoder_decoder or not model.layout.recurrent
-        )
+        self.continuous = model.mixes_prefix_lengths and not model.layout.recurrent
 
     # ------------------------------------------------------------------ public
     def submit(self, request: Request) -> Request:
