@@ -151,7 +151,8 @@ def find_encoder_attention(encoder: nn.Module, num_layers: int) -> list[nn.Modul
     if len(found) != num_layers:
         raise PrefixTuneError(
             f"unsupported encoder {type(encoder).__name__}: found {len(found)} self-attention modules taking a "
-            f"cache, expected {num_layers}"
+            f"cache, expected {num_layers}; its attention (local, sparse or fused, as in LED, LongT5, BigBird-Pegasus, "
+            "Pegasus-X, FSMT) has no place for the prefix's keys and values"
         )
     return found
 

@@ -101,8 +101,11 @@ def import_peft(model, path, name: str = "default"):
     if model.geometry.is_encoder_decoder:
         raise PrefixTuneError(f"{path}: the base model is encoder-decoder; only decoder-only prefixes convert")
     stack = model.geometry.stack("decoder")  # (L, 2, kv_heads, D)
-    if stack.v_dim != stack.head_dim:
-        raise PrefixTuneError(f"{path}: PEFT prefixes hold keys and values of one width; this model's differ")
+    if stack.v_dim != stack.head_dim or stack.per_layer is not None:
+        raise PrefixTuneError(
+            f"{path}: PEFT prefixes hold keys and values of one width and one shape for every layer; "
+            "this model's differ"
+        )
     found = (config["num_layers"], config["num_attention_heads"], config["token_dim"])
     wanted = (stack.num_layers, stack.num_kv_heads, stack.kv_dim)
     if found != wanted:
@@ -134,7 +137,8 @@ def export_peft(prefix_path, output, base_model_name: str | None = None) -> Path
     flat = tensors["decoder"]  # (P, L, 2, kv_heads, D)
     if flat.dim() != 5:
         raise PrefixTuneError(
-            f"{where}: keys and values of different widths (multi-head latent attention) have no PEFT equivalent"
+            f"{where}: keys and values of different widths (multi-head latent attention), or layers of different "
+            "shapes, have no PEFT equivalent"
         )
     p, layers, _, heads, head_dim = flat.shape
     name = base_model_name or document["base_model"].get("name")

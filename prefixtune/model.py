@@ -36,7 +36,7 @@ def check_prefix_name(name: str) -> str:
 
 # Encoder-decoder families whose decoder positions are relative (so left-padded prefixes of
 # different lengths keep every row's positions). Others use absolute decoder positions.
-_RELATIVE_DECODER_POSITIONS = {"t5", "mt5", "umt5", "longt5"}
+_RELATIVE_DECODER_POSITIONS = {"t5", "mt5", "umt5", "longt5", "switch_transformers"}
 DEFAULT_NUM_VIRTUAL_TOKENS = 10
 
 
@@ -72,6 +72,8 @@ class PrefixTunedModel(nn.Module):
             enc = self.geometry.stack("encoder")
             modules = injection.find_encoder_attention(base.get_encoder(), enc.num_layers)
             self._encoder_hooks = injection.EncoderPrefixHooks(modules)
+            # Encoders that expand a 2D mask themselves (Switch Transformers) take the [prefix; input] key mask as is.
+            self._encoder_2d_mask = "[:, None, None, :]" in inspect.getsource(type(base.get_encoder()).forward)
             self.decoder_positions = injection.DecoderPositions.find(base.get_decoder())
         else:
             self.layout.check_implementation(base.config)
@@ -239,11 +241,11 @@ class PrefixTunedModel(nn.Module):
         if empty:  # zero-length prefixes, used to read activations
             out = {}
             for s in self.geometry.stacks:
-                k = torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, device=self.device, dtype=self.dtype)
-                v = torch.zeros(batch, s.num_kv_heads, 0, s.v_dim, device=self.device, dtype=self.dtype)
-                out[s.name] = injection.StackPrefix(
-                    [(k, v)] * s.num_layers, torch.zeros(batch, 0, dtype=torch.long, device=self.device)
-                )
+                layers = [
+                    tuple(torch.zeros(batch, h, 0, d, device=self.device, dtype=self.dtype) for d in (dk, dv))
+                    for h, dk, dv in s.layer_shapes()
+                ]
+                out[s.name] = injection.StackPrefix(layers, torch.zeros(batch, 0, dtype=torch.long, device=self.device))
             return out
         names = self.row_names(prefix, batch)
         unique = list(dict.fromkeys(names))
@@ -262,7 +264,7 @@ class PrefixTunedModel(nn.Module):
             lengths = {self._prefixes[n].num_tokens for n in unique}
             if len(lengths) > 1:
                 raise PrefixTuneError(
-                    f"{self.geometry.model_type} uses absolute decoder positions: prefixes of different lengths "
+                    f"{self.geometry.model_type} does not take positions per row: prefixes of different lengths "
                     f"({sorted(lengths)}) cannot share a batch; batch them by length"
                 )
         return out
@@ -275,8 +277,9 @@ class PrefixTunedModel(nn.Module):
     @property
     def mixes_prefix_lengths(self) -> bool:
         """Whether rows with prefixes (and decoder histories) of different lengths can share a batch: always
-        for decoder-only models; for encoder-decoder ones whose decoder positions are relative (T5) or
-        can be set per row (the BART family). Continuous batching in the server needs it."""
+        for decoder-only models (the self-check at wrap refuses those that cannot); for encoder-decoder
+        ones whose decoder positions are relative (T5) or can be set per row (the BART family).
+        Continuous batching in the server needs it."""
         return (
             not self.geometry.is_encoder_decoder
             or self.geometry.model_type in _RELATIVE_DECODER_POSITIONS
@@ -334,7 +337,9 @@ class PrefixTunedModel(nn.Module):
         """One pass of a decoder-only base over (B, T) inputs after what ``state`` holds.
 
         A state made with ``keep=False`` (training) only presents the prefix and stores nothing,
-        which also makes the pass safe under gradient checkpointing.
+        which also makes the pass safe under gradient checkpointing. ``use_cache`` is on (the prefix travels
+        in the cache, and some models, Whisper's decoder, drop a cache given without it) except for training
+        passes of hybrids, whose recurrent layers would otherwise store a state that a recomputation reads.
         """
         if "logits_to_keep" in kwargs and not self._logits_to_keep:
             kwargs.pop("logits_to_keep")
@@ -342,7 +347,10 @@ class PrefixTunedModel(nn.Module):
         queries = torch.zeros(*input_ids.shape, 1, device=self.device, dtype=self.dtype)  # shape only: (B, T, 1)
         with self._checkpointing_layers(not keep):
             return self.base(
-                input_ids=input_ids, use_cache=keep, **state.causal_inputs(attention_mask, queries), **kwargs
+                input_ids=input_ids,
+                use_cache=keep or not self.layout.recurrent,
+                **state.causal_inputs(attention_mask, queries),
+                **kwargs,
             )
 
     def gradient_checkpointing_enable(self) -> None:
@@ -400,7 +408,9 @@ class PrefixTunedModel(nn.Module):
             return encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
         enc = batch["encoder"]
         queries = torch.zeros(*input_ids.shape, 1, device=self.device, dtype=self.dtype)  # shape only: (B, S, 1)
-        mask = injection.bidirectional_mask(self.base.config, queries, torch.cat([enc.mask, attention_mask.long()], 1))
+        mask = torch.cat([enc.mask, attention_mask.long()], 1)  # (B, P + S)
+        if not self._encoder_2d_mask:
+            mask = injection.bidirectional_mask(self.base.config, queries, mask)
         with self._encoder_hooks.active(enc.layers):
             hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, S, d)
         return hidden, torch.cat([batch["cross"].mask, attention_mask.long()], dim=1)

@@ -24,12 +24,14 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+from transformers.modeling_outputs import BaseModelOutput
 
 from .errors import PrefixTuneError
 from .injection import StackPrefix, bidirectional_mask, positions
 
 _KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
 _RECURRENT = ("linear_attention", "conv")  # layers with a recurrent state and no keys or values
+_NO_CACHE = "dummy"  # layers that read another layer's keys and values (KV sharing, Gemma 3n/4) or do not attend
 
 
 @dataclass(frozen=True)
@@ -41,23 +43,26 @@ class AttentionLayout:
         attention_indices: The layers that attend (and so take the prefix), in order.
         recurrent_types: Layer types with a recurrent state instead of keys and values (hybrid models):
             the prefix does not enter them; they start from their usual empty state.
-        num_layers: All decoder layers.
+        num_layers: All decoder layers. Layers with neither (KV-sharing layers that attend to an earlier
+            layer's keys and values, prefix included; layers that do not attend) hold no cache.
+        num_recurrent: How many layers are recurrent.
     """
 
     kinds: dict[str, tuple[str, int | None]]
     attention_indices: tuple[int, ...]
     recurrent_types: tuple[str, ...]
     num_layers: int
+    num_recurrent: int = 0
 
     @classmethod
     def read(cls, config) -> AttentionLayout:
         types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        unsupported = sorted(set(types) - set(_KINDS) - set(_RECURRENT))
+        unsupported = sorted(set(types) - set(_KINDS) - set(_RECURRENT) - {_NO_CACHE})
         if unsupported:
             raise PrefixTuneError(
                 f"unsupported model: its layers include {', '.join(unsupported)}; a prefix is keys and values, "
                 "so every layer must be attention (full, sliding-window or chunked) with its own cache, or "
-                "recurrent (linear attention, convolution)"
+                "recurrent (linear attention, convolution), or share an earlier layer's cache"
             )
         kinds = {}
         for name, extra in zip(types, kwargs):
@@ -67,7 +72,7 @@ class AttentionLayout:
         if not indices:
             raise PrefixTuneError("unsupported model: it has no attention layer for a prefix to enter")
         recurrent = tuple(sorted({t for t in types if t in _RECURRENT}))
-        return cls(kinds, indices, recurrent, len(types))
+        return cls(kinds, indices, recurrent, len(types), sum(t in _RECURRENT for t in types))
 
     @property
     def plain(self) -> bool:
@@ -77,6 +82,11 @@ class AttentionLayout:
     @property
     def recurrent(self) -> bool:
         return bool(self.recurrent_types)
+
+    @property
+    def sparse(self) -> bool:
+        """Some layers have no keys and values of their own: the cache places the attention layers by index."""
+        return len(self.attention_indices) != self.num_layers
 
     def check_implementation(self, config) -> None:
         if not self.plain and config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
@@ -114,6 +124,16 @@ def self_attention_mask(config, layout: AttentionLayout, queries, key_mask, key_
     for name in layout.recurrent_types:  # the padding of the new tokens, as transformers gives it
         masks[name] = create_recurrent_attention_mask(config, queries, key_mask, cache)
     return masks if len(masks) > 1 else next(iter(masks.values()))
+
+
+class _EncoderOutput(BaseModelOutput):
+    """The encoder's states as the model's forward takes them; fields the state does not keep (NLLB-MoE's
+    router logits, attentions) read as None, as when the encoder did not return them."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
 
 
 # ---------------------------------------------------------------------- caches
@@ -158,7 +178,7 @@ def _decoder_cache(model, attention_layers: list) -> DynamicCache:
     """A decoder-only cache with ``attention_layers`` at the model's attention layers; the recurrent layers
     of hybrid models get their usual empty state, as transformers builds it from the config."""
     layout = model.layout
-    if not layout.recurrent:
+    if not layout.sparse:
         cache = DynamicCache()
         cache.layers = attention_layers
         return cache
@@ -169,7 +189,7 @@ def _decoder_cache(model, attention_layers: list) -> DynamicCache:
 
 
 def _attention_layers(cache, layout: AttentionLayout | None) -> list:
-    if layout is None or not layout.recurrent:
+    if layout is None or not layout.sparse:
         return list(cache.layers)
     return [cache.layers[i] for i in layout.attention_indices]
 
@@ -306,10 +326,13 @@ class PrefixedState:
         rows_pos = positions(self.mask.sum(dim=1), decoder_mask)  # (B, T)
         self.mask = torch.cat([self.mask, decoder_mask], dim=1)
         hook = self.model.decoder_positions
+        cross_mask = self.cross_mask  # (B, 1, 1, K) → (B, 1, T, K): some attention modules (MVP) check the shape
+        if cross_mask is not None and cross_mask.dim() == 4:
+            cross_mask = cross_mask.expand(-1, -1, decoder_input_ids.shape[1], -1)
         with hook.rows(rows_pos) if hook is not None else nullcontext():
             return self.model.base(
-                encoder_outputs=(self.encoder_hidden,),
-                attention_mask=self.cross_mask,
+                encoder_outputs=_EncoderOutput(last_hidden_state=self.encoder_hidden),
+                attention_mask=cross_mask,
                 decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=self.mask,
                 cache=self.cache,
@@ -388,7 +411,7 @@ class PrefixedState:
         if not first.is_seq2seq:
             return cls(
                 first.model,
-                _stacked([s.cache for s in states], width),
+                _prefix_cache(first.model, _stacked([s.cache for s in states], width, first.model.layout), keep=True),
                 mask,
                 key_pos=torch.cat([_pad_left(s.key_pos, width, 1) for s in states]),
                 next_pos=torch.cat([s.next_pos for s in states]),
@@ -397,8 +420,8 @@ class PrefixedState:
             raise PrefixTuneError("encoder-decoder states merge after their first decoder step (see prefill)")
         cross_width = max(s.cross_keys.shape[1] for s in states)
         cache = EncoderDecoderCache(
-            _stacked([s.cache.self_attention_cache for s in states], width),
-            _stacked([s.cache.cross_attention_cache for s in states], cross_width),
+            _filled(_stacked([s.cache.self_attention_cache for s in states], width)),
+            _filled(_stacked([s.cache.cross_attention_cache for s in states], cross_width)),
         )
         for i in cache.is_updated:
             cache.is_updated[i] = True
@@ -412,11 +435,11 @@ class PrefixedState:
         )
 
 
-def _stacked(caches: list, width: int) -> DynamicCache:
-    """One cache holding the rows of ``caches``, each layer left-padded to ``width`` keys."""
-    out = DynamicCache()
-    for i in range(len(caches[0].layers)):
-        keys = torch.cat([_pad_left(c.layers[i].keys, width, 2) for c in caches])  # (B, H, S, D)
-        values = torch.cat([_pad_left(c.layers[i].values, width, 2) for c in caches])
-        out.update(keys, values, i)
+def _stacked(caches: list, width: int, layout: AttentionLayout | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Per attention layer, the keys and values of the rows of ``caches``, each left-padded to ``width`` keys."""
+    out = []
+    for layers in zip(*(_attention_layers(c, layout) for c in caches)):
+        keys = torch.cat([_pad_left(layer.keys, width, 2) for layer in layers])  # (B, H, S, D)
+        values = torch.cat([_pad_left(layer.values, width, 2) for layer in layers])
+        out.append((keys, values))
     return out

@@ -14,6 +14,7 @@ from tiny import TinyTokenizer
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from prefixtune import GenerationOptions, PrefixConfig, PrefixTunedModel, PrefixTuneError
+from prefixtune.interop import export_peft
 from prefixtune.state import PrefixedState
 
 TOK = TinyTokenizer()
@@ -65,12 +66,25 @@ FAMILIES = {
     ),
     "deepseek_v2": MLA,
     "deepseek_v3": MLA,
+    # layers that differ: Gemma 4's global layer has wider heads; MiMo-V2-Flash's sliding layers more heads
+    "gemma4_text": dict(sliding_window=4, per_layer_config={"03": {"head_dim": 16}}, hidden_size_per_layer_input=0),
+    "mimo_v2_flash": dict(sliding_window=4, v_head_dim=12),
+    # KV sharing (Gemma 3n/4): the last 2 layers attend to earlier layers' keys and values, prefix included
+    "gemma4_text/kv_sharing": dict(
+        num_hidden_layers=6,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+        sliding_window=4,
+        num_kv_shared_layers=2,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=96,
+    ),
 }
 
 
 def _base(family):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(CONFIG_MAPPING[family](**{**SMALL, **FAMILIES[family]})).eval()
+    config = CONFIG_MAPPING[family.split("/")[0]](**{**SMALL, **FAMILIES[family]})
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def _words():
@@ -179,6 +193,33 @@ def test_latent_attention_prefix_holds_the_cached_latents():
     assert model.get_prefix().parts["decoder"].flat.shape == (2, 4, 1, 12)
 
 
+@pytest.mark.parametrize(
+    "family, layers",
+    [("gemma4_text", [(2, 8, 8)] * 3 + [(2, 16, 16)]), ("mimo_v2_flash", [(2, 8, 12)] + [(4, 8, 12)] * 3)],
+)
+def test_layers_of_different_shapes_each_get_their_own_prefix(family, layers, tmp_path):
+    model = _two_prefixes(family)
+    stack = model.geometry.stack("decoder")
+    assert stack.layer_shapes() == layers
+    rows = model.get_prefix("A").parts["decoder"].flat
+    assert rows.shape == (len(_words()[0]), sum(h * (k + v) for h, k, v in layers))
+    for (keys, values), (h, k, v) in zip(stack.split(rows[None]), layers):
+        assert keys.shape[1:] == (h, rows.shape[0], k) and values.shape[1:] == (h, rows.shape[0], v)
+    assert torch.equal(stack.join([(k[0], v[0]) for k, v in stack.split(rows[None])]), rows)
+    model.save_prefix(tmp_path / "A", "A")
+    again = PrefixTunedModel.wrap(_base(family), PrefixConfig(num_virtual_tokens=1), TOK, name="X")
+    again.load_prefix(tmp_path / "A", name="A")
+    assert torch.equal(again.get_prefix("A").parts["decoder"].flat, rows)
+    with pytest.raises(PrefixTuneError, match="no PEFT equivalent"):
+        export_peft(tmp_path / "A", tmp_path / "peft")
+
+
+def test_kv_sharing_layers_take_no_prefix_of_their_own():
+    model = _two_prefixes("gemma4_text/kv_sharing")
+    assert model.layout.num_layers == 6 and model.layout.attention_indices == (0, 1, 2, 3)
+    assert model.geometry.stack("decoder").num_layers == 4
+
+
 def _hybrid():
     config = CONFIG_MAPPING["qwen3_next"](**{**SMALL, "layer_types": ["linear_attention", "full_attention"] * 2})
     torch.manual_seed(0)
@@ -201,7 +242,7 @@ def test_hybrid_models_take_the_prefix_on_their_attention_layers_and_say_so():
 
 
 def test_layers_of_unknown_kinds_are_refused_with_the_reason():
-    config = CONFIG_MAPPING["nemotron_h"](**{**SMALL, "num_hidden_layers": 4})
+    config = CONFIG_MAPPING["falcon_h1"](**{**SMALL, "num_hidden_layers": 4})  # attention and Mamba in one layer
     base = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(PrefixTuneError, match="layers include .*every layer must be attention"):
         PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=2))

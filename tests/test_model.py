@@ -182,7 +182,7 @@ def test_bart_takes_each_rows_decoder_positions_through_the_position_hook():
     model = _two_prefixes("bart", (3, 5))
     hook, model.decoder_positions = model.decoder_positions, None
     ids, mask = _batch([[5, 6], [7, 8]])
-    with pytest.raises(PrefixTuneError, match="absolute decoder positions"):
+    with pytest.raises(PrefixTuneError, match="positions per row"):
         model(ids, mask, labels=ids, prefix=["A", "B"])
     model.decoder_positions = hook
     model(ids, mask, labels=ids, prefix=["A", "B"])
