@@ -160,10 +160,16 @@ def find_encoder_attention(encoder: nn.Module, num_layers: int) -> list[nn.Modul
 class EncoderPrefixHooks:
     """Pre-hooks that hand each encoder self-attention layer its prefix while :meth:`active`."""
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module], encoder: nn.Module) -> None:
         self._current: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._record: list | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+        # Encoders that expand a 2D mask themselves (Switch Transformers) take the [prefix; input] key mask as is.
+        self._takes_2d_mask = "[:, None, None, :]" in inspect.getsource(type(encoder).forward)
+
+    def mask(self, config, queries: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's attention mask from (B, T) queries to the (B, P + S) keys [prefix; input]."""
+        return key_mask if self._takes_2d_mask else bidirectional_mask(config, queries, key_mask)
 
     def _hook(self, index: int):
         def hook(module, args, kwargs):

@@ -71,9 +71,7 @@ class PrefixTunedModel(nn.Module):
                 )
             enc = self.geometry.stack("encoder")
             modules = injection.find_encoder_attention(base.get_encoder(), enc.num_layers)
-            self._encoder_hooks = injection.EncoderPrefixHooks(modules)
-            # Encoders that expand a 2D mask themselves (Switch Transformers) take the [prefix; input] key mask as is.
-            self._encoder_2d_mask = "[:, None, None, :]" in inspect.getsource(type(base.get_encoder()).forward)
+            self._encoder_hooks = injection.EncoderPrefixHooks(modules, base.get_encoder())
             self.decoder_positions = injection.DecoderPositions.find(base.get_decoder())
         else:
             self.layout.check_implementation(base.config)
@@ -408,9 +406,7 @@ class PrefixTunedModel(nn.Module):
             return encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
         enc = batch["encoder"]
         queries = torch.zeros(*input_ids.shape, 1, device=self.device, dtype=self.dtype)  # shape only: (B, S, 1)
-        mask = torch.cat([enc.mask, attention_mask.long()], 1)  # (B, P + S)
-        if not self._encoder_2d_mask:
-            mask = injection.bidirectional_mask(self.base.config, queries, mask)
+        mask = self._encoder_hooks.mask(self.base.config, queries, torch.cat([enc.mask, attention_mask.long()], 1))
         with self._encoder_hooks.active(enc.layers):
             hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, S, d)
         return hidden, torch.cat([batch["cross"].mask, attention_mask.long()], dim=1)
