@@ -126,14 +126,12 @@ def self_attention_mask(config, layout: AttentionLayout, queries, key_mask, key_
     return masks if len(masks) > 1 else next(iter(masks.values()))
 
 
+@dataclass
 class _EncoderOutput(BaseModelOutput):
-    """The encoder's states as the model's forward takes them; fields the state does not keep (NLLB-MoE's
-    router logits, attentions) read as None, as when the encoder did not return them."""
+    """The encoder's states as the model's forward takes them, with the fields decoders read beyond
+    ``last_hidden_state`` empty, as when the encoder did not return them (NLLB-MoE reads router logits)."""
 
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return None
+    router_logits: tuple | None = None
 
 
 # ---------------------------------------------------------------------- caches
