@@ -21,6 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .errors import PrefixTuneError
 from .options import GenerationOptions
 from .state import PrefixedState, decoder_start
 
@@ -65,10 +66,17 @@ class TokenChooser:
 
     def __call__(self, seqs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """seqs (B, t) the prompts and tokens so far, logits (B, V) → tokens (B,)."""
-        scores = self.procs(seqs, logits.float())
+        scores = self.procs(seqs, _numbers(logits).float())
         if self.sample:
             return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)[:, 0]
         return scores.argmax(dim=-1)
+
+
+def _numbers(logits: torch.Tensor) -> torch.Tensor:
+    """The model's scores, refused when any is NaN (a diverged prefix): no token can be chosen from them."""
+    if torch.isnan(logits).any():
+        raise PrefixTuneError("the model's scores are not numbers (NaN): is the prefix finite?")
+    return logits
 
 
 def eos_and_pad(opts: GenerationOptions, config) -> tuple[list[int], int]:
@@ -193,7 +201,7 @@ def _beam_search(model, state, logits, prompt, opts, eos, pad) -> torch.Tensor:
     cur = prompt_len
     while True:
         flat_seqs = running[:, :, :cur].reshape(batch * k, cur)  # (B*K, cur)
-        log_probs = procs(flat_seqs, torch.log_softmax(logits.float(), dim=-1))  # (B*K, V)
+        log_probs = procs(flat_seqs, torch.log_softmax(_numbers(logits).float(), dim=-1))  # (B*K, V)
         log_probs = (log_probs.view(batch, k, vocab) + running_scores[:, :, None]).view(batch, k * vocab)
         top_scores, top_index = torch.topk(log_probs, keep)  # (B, 2K)
         source = top_index // vocab  # beam each candidate extends, (B, 2K)

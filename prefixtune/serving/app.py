@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, create_model
+from starlette.routing import Match
 
 from .. import options
 from ..errors import PrefixTuneError
@@ -133,6 +135,43 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class Unexpected:
+    """ASGI middleware: an exception no handler took becomes a JSON 500 in the server's error shape, so the
+    client gets JSON and its keep-alive connection stays usable; the traceback goes to the log."""
+
+    def __init__(self, app, on_error) -> None:
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as e:  # noqa: BLE001 - answered, never raised to the server
+            logging.getLogger("prefixtune.serve").exception("unexpected error on %s", scope.get("path"))
+            self.on_error(scope)
+            if started:  # a stream already under way: end it
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send)
+
+
+def route_label(app, scope) -> str:
+    """The route template a request matches (``/v1/prefixes/{name}``), never its raw path: metric labels
+    stay a small fixed set whatever clients send."""
+    for route in app.router.routes:
+        if route.matches(scope)[0] == Match.FULL:
+            return route.path
+    return "unmatched"
+
+
 def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = None, engine: Engine | None = None):
     """Build the FastAPI app serving ``model``'s prefixes from ``prefix_dir``.
 
@@ -155,6 +194,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     app = FastAPI(title="prefixtune", version="1", lifespan=lifespan)
     app.state.engine, app.state.registry, app.state.metrics, app.state.refused = engine, registry, metrics, {}
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Unexpected, on_error=lambda scope: metrics.request(route_label(app, scope), 500, 0.0))
 
     @app.middleware("http")
     async def auth_and_metrics(request: Request, call_next):
@@ -164,11 +204,10 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                 response = _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authorization")
-                metrics.request(request.url.path, 401, time.monotonic() - started)
+                metrics.request(route_label(app, request.scope), 401, time.monotonic() - started)
                 return response
         response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.request(getattr(route, "path", "unmatched"), response.status_code, time.monotonic() - started)
+        metrics.request(route_label(app, request.scope), response.status_code, time.monotonic() - started)
         return response
 
     @app.exception_handler(ApiError)
@@ -221,9 +260,15 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         out = []
         for text in texts:
             try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"text that cannot be encoded as UTF-8 ({e.reason} at {e.start})", field) from None
+            try:
                 ids = prompt_ids(model, tokenizer, prefix, text)
             except PrefixTuneError as e:
                 raise ApiError(400, str(e), field) from None
+            except Exception as e:  # noqa: BLE001 - the tokenizer refused this text
+                raise ApiError(400, f"the tokenizer cannot encode this text ({type(e).__name__}: {e})", field) from None
             if len(ids) > settings.max_input_tokens:
                 raise ApiError(
                     400, f"input of {len(ids)} tokens exceeds the limit of {settings.max_input_tokens}", field
@@ -257,7 +302,11 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         jobs = _requests(body.prefix, texts, "inputs", opts)
         if body.stream:
             return _sse(
-                _stream_events(jobs, lambda i, delta, reason: {"index": i, "text": delta, "finish_reason": reason})
+                _stream_events(
+                    jobs,
+                    lambda i, delta, reason: {"index": i, "text": delta, "finish_reason": reason},
+                    lambda i, status, message: {"index": i, "error": {"message": message, "status": status}},
+                )
             )
         results = await _run(jobs)
         return {"prefix": body.prefix, "outputs": [text for text, _ in results]}
@@ -282,6 +331,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
                             {"text": delta, "index": i, "logprobs": None, "finish_reason": _openai_reason(reason)}
                         ],
                     },
+                    _openai_error,
                 )
             )
         results = await _run(jobs)
@@ -314,12 +364,14 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             for request, _ in jobs:
                 request.cancelled = True
             raise ApiError(504, f"request timed out after {settings.request_timeout:.0f} s") from None
-        failed = next((r for r in reasons if r.startswith("error")), None)
+        failed = next((request.error for (request, _), r in zip(jobs, reasons) if r == "error"), None)
         if failed:
-            raise ApiError(500, f"generation failed ({failed})")
+            raise ApiError(*failed)
         return [(stream.final(request.tokens), reason) for (request, stream), reason in zip(jobs, reasons)]
 
-    async def _stream_events(jobs, shape):
+    async def _stream_events(jobs, shape, fail):
+        """Server-sent events of every job: ``shape(i, text, finish reason)``, or ``fail(i, status, message)``
+        for a job that failed (an error event, never a normal finish)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         for i, (request, _) in enumerate(jobs):
@@ -341,6 +393,9 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
                     delta = stream.delta(request.tokens)
                     if delta:
                         yield shape(i, delta, None)
+                elif reason == "error":
+                    open_jobs -= 1
+                    yield fail(i, *request.error)
                 else:
                     open_jobs -= 1
                     yield shape(i, stream.rest(request.tokens), reason)
@@ -363,6 +418,11 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
 def _resolve(future: asyncio.Future, reason: str) -> None:
     if not future.done():
         future.set_result(reason)
+
+
+def _openai_error(index: int, status: int, message: str) -> dict:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": status, "index": index}}
 
 
 def _openai_reason(reason: str | None) -> str | None:

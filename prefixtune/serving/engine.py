@@ -43,8 +43,10 @@ class Request:
         options: How to decode (``stop`` is applied by ``should_stop``, which works on text).
         on_token: Called from the engine thread with each new token id.
         on_done: Called once with the finish reason (``eos``, ``length``, ``stop``, ``cancelled``,
-            ``error: ...``) and all generated ids.
+            ``error``) and all generated ids.
         should_stop: Polled after each token; True ends the request with reason ``stop``.
+        error: Why the request failed, as (HTTP status, message), when its reason is ``error``. A
+            failure ends its own request only: the other rows of the batch go on as if alone.
     """
 
     prefix: str
@@ -58,6 +60,7 @@ class Request:
     started: float | None = None
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
+    error: tuple[int, str] | None = None
     chooser: generation.TokenChooser | None = None
     seq: torch.Tensor | None = None  # (1, t): what the token processors read (prompt, then new tokens)
 
@@ -158,8 +161,8 @@ class Engine:
             try:
                 with self.lock, torch.inference_mode():
                     self.step()
-            except Exception as e:  # noqa: BLE001 - a failing batch must not kill the server
-                self._fail_all(f"error: {type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - a failing decoding step must not kill the server
+                self._fail_all(e)
 
     def step(self) -> None:
         """One round: admit waiting requests, then decode one token for every running request."""
@@ -177,7 +180,10 @@ class Engine:
         for r in taken:
             r.started = now
             self.stats.queue_times.append(now - r.arrived)
-        return [r for r in taken if not self._finish_if_cancelled(r)]
+            if not r.cancelled and not self.model.has_prefix(r.prefix):  # removed while the request waited
+                _fail(r, 404, f"prefix {r.prefix!r} was removed before the request started")
+                _done(r, "error")
+        return [r for r in taken if r.error is None and not self._finish_if_cancelled(r)]
 
     def _admit(self) -> None:
         room = self.max_batch_size - len(self._running)
@@ -187,11 +193,14 @@ class Engine:
         static = [r for r in new if r.options.num_beams > 1 or not self.continuous]
         for group in _static_groups(static, self.model):
             self._admitting = group
-            self._run_static(group)
+            _isolated(group, self._run_static)
         joining = [r for r in new if r.options.num_beams == 1 and self.continuous]
         self._admitting = joining
-        if not joining:
-            return
+        if joining:
+            _isolated(joining, self._join)
+
+    def _join(self, joining: list[Request]) -> None:
+        """Prefill requests and merge them into the running batch."""
         ids, mask = self._prompts(joining)
         state, logits = PrefixedState.prefill(self.model, ids, mask, [r.prefix for r in joining])
         for r in joining:
@@ -223,15 +232,20 @@ class Engine:
         request.seq = torch.tensor([prompt], device=device)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """Pick each row's next token with its own options; record and report it."""
+        """Pick each row's next token with its own options; record and report it. A row that fails
+        (scores that are not finite, a processor error) ends its own request; it leaves at ``_retire``."""
         chosen = []
         for request, row in zip(requests, logits):
-            token = int(request.chooser(request.seq, row[None])[0])
+            try:
+                token = int(request.chooser(request.seq, row[None])[0])
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
+                _fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
+                chosen.append(self.pad_token_id)
+                continue
             request.seq = torch.cat([request.seq, request.seq.new_tensor([[token]])], dim=1)
             request.tokens.append(token)
             self.stats.generated_tokens += 1
-            if request.on_token is not None:
-                request.on_token(token)
+            _emit(request, request.on_token, token)
             chosen.append(token)
         return torch.tensor(chosen, device=logits.device)
 
@@ -272,8 +286,7 @@ class Engine:
             for token in row[: request.options.max_new_tokens]:
                 request.tokens.append(token)
                 self.stats.generated_tokens += 1
-                if request.on_token is not None:
-                    request.on_token(token)
+                _emit(request, request.on_token, token)
                 if token in self.eos or (request.should_stop is not None and request.should_stop(request.tokens)):
                     break
             _done(request, _finish_reason(request, self.eos) or "eos")
@@ -287,14 +300,52 @@ class Engine:
             _done(request, "cancelled")
         return request.cancelled
 
-    def _fail_all(self, reason: str) -> None:
-        """After an exception: end the requests being decoded (the waiting ones get their turn)."""
+    def _fail_all(self, error: Exception) -> None:
+        """After a decoding step raised: end the requests being decoded (the waiting ones get their turn)."""
         for request in self._running + self._admitting:
-            _done(request, reason)
+            _fail(request, 500, f"decoding failed: {type(error).__name__}: {error}")
+            _done(request, "error")
         self._running, self._admitting, self._state, self._pending = [], [], None, None
 
 
+def _isolated(requests: list[Request], run: Callable[[list[Request]], None]) -> None:
+    """``run`` the requests together; if that raises, run each alone, so that only the requests that fail
+    by themselves end with an error."""
+    try:
+        run(requests)
+        return
+    except Exception as e:  # noqa: BLE001 - find which request it was
+        error = e
+    for request in requests:
+        if request.tokens or request.error is not None:  # finished before the failure
+            continue
+        try:
+            if len(requests) == 1:
+                raise error
+            run([request])
+        except Exception as e:  # noqa: BLE001 - this request's own failure
+            _fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
+            _done(request, "error")
+
+
+def _fail(request: Request, status: int, message: str) -> None:
+    if request.error is None:
+        request.error = (status, message)
+
+
+def _emit(request: Request, callback, *args) -> None:
+    """Call a request's callback; one that raises (its client went away) cancels that request only."""
+    if callback is None:
+        return
+    try:
+        callback(*args)
+    except Exception:  # noqa: BLE001 - the client's side is gone
+        request.cancelled = True
+
+
 def _finish_reason(request: Request, eos: set[int]) -> str | None:
+    if request.error is not None:
+        return "error"
     if request.cancelled:
         return "cancelled"
     if request.tokens and request.tokens[-1] in eos:
@@ -307,8 +358,7 @@ def _finish_reason(request: Request, eos: set[int]) -> str | None:
 
 
 def _done(request: Request, reason: str) -> None:
-    if request.on_done is not None:
-        request.on_done(reason, list(request.tokens))
+    _emit(request, request.on_done, reason, list(request.tokens))
 
 
 def _static_groups(requests: list[Request], model) -> list[list[Request]]:
