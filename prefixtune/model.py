@@ -24,7 +24,8 @@ from .outputs import PrefixLMOutput, causal_loss, seq2seq_loss
 from .prefix import Prefix
 from .state import AttentionLayout, PrefixedState, decoder_start, new_cache, read_prefix
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # whole name: fullmatch (a "$" would allow a final newline)
+NAME_CHARS = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"  # a prefix name (the server's schema: ^...$)
+_NAME = re.compile(NAME_CHARS)  # whole name: fullmatch (a "$" would allow a final newline)
 
 
 def check_prefix_name(name: str) -> str:

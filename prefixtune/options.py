@@ -170,20 +170,37 @@ def pydantic_fields(renamed: dict | None = None, defaults: dict | None = None) -
     out; ``defaults`` gives other defaults by option name.
     """
     renamed, defaults = renamed or {}, defaults or {}
-    from pydantic import Field, StrictBool, StrictFloat, StrictInt
+    from typing import Annotated
 
-    kinds = {"int": StrictInt, "float": StrictFloat, "bool": StrictBool, "int | None": StrictInt | None}
+    from pydantic import BeforeValidator, Field, StrictBool, StrictFloat
+
+    def whole(value):
+        """JSON's integers, 6.0 included (as JSON Schema counts it), but not text or booleans."""
+        if isinstance(value, (str, bool)):
+            raise ValueError("Input should be a valid integer")
+        return value
+
     out = {}
     for f in fields(GenerationOptions):
         if not f.metadata["http"] or renamed.get(f.name, f.name) is None:
             continue
         name = renamed.get(f.name, f.name)
         if f.name == "stop":
-            out[name] = (str | list[str] | None, Field(None, description=f.metadata["help"], max_length=16))
+            text = Annotated[str, Field(max_length=256)]
+            out[name] = (
+                text | Annotated[list[text], Field(max_length=16)] | None,
+                Field(None, description=f.metadata["help"]),
+            )
             continue
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
-        extra = {"allow_inf_nan": False} if f.type == "float" else {}
-        out[name] = (kinds[f.type], Field(default, description=f.metadata["help"], **bounds(f.name), **extra))
+        if f.type == "bool":
+            kind = StrictBool
+        elif f.type == "float":
+            kind = Annotated[StrictFloat, Field(allow_inf_nan=False, **bounds(f.name))]
+        else:  # bounds on the number itself, so that they hold (and show in the schema) when it may be null
+            kind = Annotated[int, Field(**bounds(f.name)), BeforeValidator(whole)]
+            kind = kind | None if f.type == "int | None" else kind
+        out[name] = (kind, Field(default, description=f.metadata["help"]))
     return out
 
 

@@ -17,7 +17,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, create_model
@@ -25,6 +25,7 @@ from starlette.routing import Match
 
 from .. import options
 from ..errors import PrefixTuneError
+from ..model import NAME_CHARS
 from ..options import GenerationOptions
 from .engine import Engine
 from .engine import Request as EngineRequest
@@ -54,6 +55,9 @@ class ServerSettings:
     request_timeout: float = 120.0
 
 
+PREFIX_NAME = f"^{NAME_CHARS}$"
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -64,7 +68,7 @@ class ApiError(Exception):
 GenerateBody = create_model(
     "GenerateBody",
     __config__=ConfigDict(extra="forbid"),
-    prefix=(str, Field(description="name of the prefix to decode with")),
+    prefix=(str, Field(pattern=PREFIX_NAME, description="name of the prefix to decode with")),
     inputs=(str | list[str], Field(description="one input text, or a list decoded as a batch")),
     stream=(StrictBool, Field(False, description="send tokens as server-sent events")),
     **options.pydantic_fields(),
@@ -76,7 +80,7 @@ _OPENAI_NAMES |= {"max_new_tokens": "max_tokens", "length_penalty": None, "early
 CompletionBody = create_model(
     "CompletionBody",
     __config__=ConfigDict(extra="ignore"),  # OpenAI clients send fields we do not use
-    model=(str, Field(description="name of the prefix")),
+    model=(str, Field(pattern=PREFIX_NAME, description="name of the prefix")),
     prompt=(str | list[str], Field(description="one prompt, or a list")),
     stream=(StrictBool, False),
     temperature=(
@@ -88,10 +92,39 @@ CompletionBody = create_model(
 
 
 class PrefixBody(BaseModel):
+    """Load a prefix folder of the server's directory by name, or upload one (config and weights)."""
+
     model_config = ConfigDict(extra="forbid")
-    name: str
-    config: dict | None = None
-    weights: str | None = None  # base64 of prefix.safetensors, with config: an upload
+    name: str = Field(pattern=PREFIX_NAME, description="letters, digits, '_', '-', '.'; no '..'")
+    config: dict | None = Field(None, description="prefix_config.json of an upload")
+    weights: str | None = Field(None, pattern=r"^[A-Za-z0-9+/]*={0,2}$", description="base64 of prefix.safetensors")
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what went wrong and what to change")
+    field: str | None = Field(description="the request field at fault, if one is")
+
+
+class ErrorBody(BaseModel):
+    """Every error the server returns, whatever its status."""
+
+    error: ErrorDetail
+
+
+_STATUS = {
+    400: "a value the server's limits refuse (input too long, too many inputs, text that cannot be encoded)",
+    401: "missing or wrong API key (only when the server has one)",
+    404: "unknown prefix",
+    413: "request body over the server's limit",
+    422: "a field missing, of the wrong type or outside its bounds",
+    500: "the request failed while decoding, or an unexpected error (the server goes on)",
+    504: "the request took longer than the server's timeout",
+}
+
+
+def _documented(*statuses: int) -> dict:
+    """OpenAPI responses: the given error statuses and those every route may return, all as ``ErrorBody``."""
+    return {code: {"model": ErrorBody, "description": _STATUS[code]} for code in sorted({*statuses, 401, 422, 500})}
 
 
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
@@ -226,29 +259,33 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     async def library_error(request, exc: PrefixTuneError):
         return _error(404 if isinstance(exc, PrefixNotFound) else 400, str(exc))
 
-    @app.get("/health")
+    @app.get("/health", responses=_documented())
     async def health():
         return {"status": "ok", "model": model.base_name, "prefixes": len(registry.names()), "busy": engine.busy}
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}, **_documented()},
+    )
     async def prometheus():
         metrics.absorb(engine.stats)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/prefixes")
+    @app.get("/v1/prefixes", responses=_documented())
     async def list_prefixes():
         return {"prefixes": [registry.describe(n) for n in registry.names()]}
 
-    @app.post("/v1/prefixes", status_code=201)
+    @app.post("/v1/prefixes", status_code=201, responses=_documented(400, 404, 413))
     async def add_prefix(body: PrefixBody):
         if (body.config is None) != (body.weights is None):
-            raise ApiError(422, "an upload needs both 'config' and 'weights'", "weights")
+            raise ApiError(400, "an upload needs both 'config' and 'weights'", "weights")
         if body.config is not None:
             return await asyncio.to_thread(registry.upload, body.name, body.config, body.weights)
         return await asyncio.to_thread(registry.load, body.name)
 
-    @app.delete("/v1/prefixes/{name}")
-    async def delete_prefix(name: str):
+    @app.delete("/v1/prefixes/{name}", responses=_documented(400, 404))
+    async def delete_prefix(name: str = Path(pattern=PREFIX_NAME)):
         await asyncio.to_thread(registry.remove, name)
         return {"deleted": name}
 
@@ -294,7 +331,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             raise ApiError(400, f"at most {settings.max_new_tokens} new tokens", "max_new_tokens")
         return texts
 
-    @app.post("/v1/generate")
+    @app.post("/v1/generate", responses=_documented(400, 404, 413, 504))
     async def generate(body: GenerateBody):
         _check_prefix(body.prefix, "prefix")
         texts = _common_checks(body.inputs, "inputs", body.max_new_tokens)
@@ -311,7 +348,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         results = await _run(jobs)
         return {"prefix": body.prefix, "outputs": [text for text, _ in results]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_documented(400, 404, 413, 504))
     async def completions(body: CompletionBody):
         _check_prefix(body.model, "model")
         texts = _common_checks(body.prompt, "prompt", body.max_tokens)

@@ -127,7 +127,7 @@ def test_error_responses(server):
     status, body = _call(port, "/v1/generate", {"prefix": "a", "inputs": "x", "max_new_tokens": "many"})
     assert status == 422 and body["error"]["field"] == "max_new_tokens"
     status, body = _call(port, "/v1/prefixes", {"name": "../../etc"})
-    assert status == 400
+    assert status == 422 and body["error"]["field"] == "name"
     assert _call(port, "/v1/completions", {"model": "b", "prompt": "x", "max_tokens": 3, "temperature": 0})[0] == 200
     assert _call(port, "/health", key=None)[1]["status"] == "ok"
 
