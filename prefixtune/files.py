@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import PrefixConfig
 from .errors import PrefixTuneError
-from .prefix import Prefix
+from .prefix import Prefix, token_shapes
 
 WEIGHTS = "prefix.safetensors"
 CONFIG = "prefix_config.json"
@@ -64,6 +64,13 @@ def base_fingerprint(model) -> str:
     return model.base_fingerprint
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename the result onto ``path``: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,9 +78,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -182,10 +187,28 @@ def load_prefix(model, path, name: str | None = None) -> Prefix:
     tensors = read_prefix_tensors(path, document)
     try:
         config = PrefixConfig.from_dict({**document["prefix_config"], "reparameterize": False})
-    except TypeError as e:
+    except (TypeError, ValueError, PrefixTuneError) as e:
         raise PrefixTuneError(f"{path / CONFIG}: bad prefix_config ({e})") from None
+    check_tensors(path, config, model.geometry, tensors)
     prefix = Prefix(config, model.geometry)
     with torch.no_grad():
         for part_name, part in prefix.parts.items():
             part.flat.copy_(tensors[part_name])
     return model.put_prefix(name or path.resolve().name, prefix)
+
+
+def check_tensors(path, config: PrefixConfig, geometry, tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors define the prefix: they must be exactly the parts the model needs, each of shape
+    (P, *token shape) with P the config's length, floating point and finite. Checked before anything
+    is allocated, so a config cannot make a small file into a large prefix."""
+    where = Path(path) / WEIGHTS
+    p = config.num_virtual_tokens
+    wanted = {name: (p, *shape) for name, shape in token_shapes(config.mode, geometry).items()}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if found != wanted:
+        raise PrefixTuneError(f"{where}: tensors {found} do not match the {p}-token prefix this model needs {wanted}")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise PrefixTuneError(f"{where}: tensor {name!r} is {t.dtype}, not floating point")
+        if not torch.isfinite(t).all():
+            raise PrefixTuneError(f"{where}: tensor {name!r} holds values that are not finite (NaN or inf)")

@@ -98,6 +98,13 @@ class PrefixParams(nn.Module):
         last.bias.zero_()
 
 
+def token_shapes(mode: str, geometry: Geometry) -> dict[str, tuple[int, ...]]:
+    """Each part's shape per virtual token: per stack (``kv`` mode), or the embedding width (``embedding``)."""
+    if mode == "kv":
+        return {s.name: s.token_shape for s in geometry.stacks}
+    return {"embedding": (geometry.hidden_size,)}
+
+
 class Prefix(nn.Module):
     """One named prefix: a :class:`PrefixParams` per attention stack, or one for input embeddings.
 
@@ -112,10 +119,7 @@ class Prefix(nn.Module):
             raise PrefixTuneError("num_virtual_tokens is unset; set it or give init_text")
         self.config = config
         p, d = config.num_virtual_tokens, geometry.hidden_size
-        if config.mode == "kv":
-            shapes = {s.name: s.token_shape for s in geometry.stacks}
-        else:
-            shapes = {"embedding": (d,)}
+        shapes = token_shapes(config.mode, geometry)
         self._projected = None  # (parameter versions, tensors): the MLP output cached for inference
         self.parts = nn.ModuleDict(
             {

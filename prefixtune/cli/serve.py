@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
+from ..serving.settings import add_flags as add_setting_flags
 from .common import add_device, cache_dir, device_and_dtype, positive
 
 
@@ -20,16 +20,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--prefixes", required=True, help="folder with one prefix folder per name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $PREFIXTUNE_API_KEY)",
-    )
-    p.add_argument("--max-batch-size", type=positive(int), default=32, help="rows decoded at once (default: 32)")
-    p.add_argument("--max-input-tokens", type=positive(int), default=1024, help="longest prompt (default: 1024)")
-    p.add_argument("--max-new-tokens", type=positive(int), default=512, help="largest max_new_tokens (default: 512)")
-    p.add_argument("--max-body-bytes", type=positive(int), default=1_000_000, help="largest body (default: 1 MB)")
-    p.add_argument("--request-timeout", type=positive(float), default=120.0, help="seconds per request (default: 120)")
+    add_setting_flags(p, positive)
     add_device(p)
     p.set_defaults(func=run)
 
@@ -39,16 +30,10 @@ def run(args) -> int:
 
     from ..base import DEFAULT_MODEL, load_base
     from ..model import PrefixTunedModel
-    from ..serving.app import ServerSettings, create_app
+    from ..serving.app import create_app
+    from ..serving.settings import from_flags as settings_from_flags
 
-    settings = ServerSettings(
-        api_key=args.api_key or os.environ.get("PREFIXTUNE_API_KEY") or None,
-        max_input_tokens=args.max_input_tokens,
-        max_new_tokens=args.max_new_tokens,
-        max_batch_size=args.max_batch_size,
-        max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout,
-    )
+    settings = settings_from_flags(args)
     device, dtype = device_and_dtype(args)
     base, tokenizer = load_base(args.model, dtype=dtype, device=device, cache_dir=cache_dir())
     model = PrefixTunedModel(base, tokenizer)

@@ -15,9 +15,9 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import FastAPI, Path, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, create_model
@@ -30,30 +30,9 @@ from ..options import GenerationOptions
 from .engine import Engine
 from .engine import Request as EngineRequest
 from .metrics import ServerMetrics
-from .registry import PrefixNotFound, PrefixRegistry
+from .registry import PrefixNotFound, PrefixRegistry, PrefixTooLarge
+from .settings import ServerSettings
 from .text import TextStream, prompt_ids
-
-
-@dataclass
-class ServerSettings:
-    """Limits and security of a server.
-
-    Attributes:
-        api_key: When set, every endpoint but /health needs ``Authorization: Bearer <key>``.
-        max_input_tokens: Longest accepted prompt, in tokens.
-        max_new_tokens: Largest accepted ``max_new_tokens`` / ``max_tokens``.
-        max_batch_size: Most inputs in one request (and rows the engine decodes at once).
-        max_body_bytes: Largest accepted request body.
-        request_timeout: Seconds before a request is abandoned with 504.
-    """
-
-    api_key: str | None = None
-    max_input_tokens: int = 1024
-    max_new_tokens: int = 512
-    max_batch_size: int = 32
-    max_body_bytes: int = 1_000_000
-    request_timeout: float = 120.0
-
 
 PREFIX_NAME = f"^{NAME_CHARS}$"
 
@@ -115,7 +94,7 @@ _STATUS = {
     400: "a value the server's limits refuse (input too long, too many inputs, text that cannot be encoded)",
     401: "missing or wrong API key (only when the server has one)",
     404: "unknown prefix",
-    413: "request body over the server's limit",
+    413: "request body, or an uploaded or loaded prefix, over the server's limits (bytes, tokens, memory budget)",
     422: "a field missing, of the wrong type or outside its bounds",
     500: "the request failed while decoding, or an unexpected error (the server goes on)",
     504: "the request took longer than the server's timeout",
@@ -137,15 +116,16 @@ class BodyLimit:
     The body is read (up to the limit) before the app sees it, then replayed.
     """
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, upload_limit: int) -> None:
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        too_large = _error(413, f"request body over {self.limit} bytes", "body")
+        limit = self.upload_limit if scope["path"] == "/v1/prefixes" else self.limit
+        too_large = _error(413, f"request body over {limit} bytes", "body")
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return await too_large(scope, receive, send)
         body, more = b"", True
         while more:
@@ -154,7 +134,7 @@ class BodyLimit:
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > self.limit:
+            if len(body) > limit:
                 return await too_large(scope, receive, send)
         replayed = False
 
@@ -215,7 +195,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     engine = engine or Engine(model, eos, pad, settings.max_batch_size)
-    registry = PrefixRegistry(model, prefix_dir, engine.lock)
+    registry = PrefixRegistry(model, prefix_dir, engine.lock, settings)
     metrics = ServerMetrics()
 
     @asynccontextmanager
@@ -226,7 +206,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
 
     app = FastAPI(title="prefixtune", version="1", lifespan=lifespan)
     app.state.engine, app.state.registry, app.state.metrics, app.state.refused = engine, registry, metrics, {}
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     app.add_middleware(Unexpected, on_error=lambda scope: metrics.request(route_label(app, scope), 500, 0.0))
 
     @app.middleware("http")
@@ -257,7 +237,8 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
 
     @app.exception_handler(PrefixTuneError)
     async def library_error(request, exc: PrefixTuneError):
-        return _error(404 if isinstance(exc, PrefixNotFound) else 400, str(exc))
+        status = 404 if isinstance(exc, PrefixNotFound) else 413 if isinstance(exc, PrefixTooLarge) else 400
+        return _error(status, str(exc))
 
     @app.get("/health", responses=_documented())
     async def health():
@@ -284,10 +265,15 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             return await asyncio.to_thread(registry.upload, body.name, body.config, body.weights)
         return await asyncio.to_thread(registry.load, body.name)
 
-    @app.delete("/v1/prefixes/{name}", responses=_documented(400, 404))
-    async def delete_prefix(name: str = Path(pattern=PREFIX_NAME)):
-        await asyncio.to_thread(registry.remove, name)
-        return {"deleted": name}
+    @app.delete("/v1/prefixes/{name}", responses=_documented(400, 404))  # requests already running finish
+    async def delete_prefix(
+        name: Annotated[str, Path(pattern=PREFIX_NAME)],
+        purge: Annotated[
+            bool, Query(description="also delete its folder (else it loads again at the next start)")
+        ] = False,
+    ):
+        await asyncio.to_thread(registry.remove, name, purge)
+        return {"deleted": name, "purged": purge}
 
     def _check_prefix(name: str, field: str) -> None:
         if not model.has_prefix(name):

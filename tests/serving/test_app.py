@@ -127,7 +127,7 @@ def test_prefix_management(served, tmp_path):
     _, _, directory = served
     with client:
         assert sorted(p["name"] for p in client.get("/v1/prefixes").json()["prefixes"]) == ["a", "b", "c"]
-        assert client.delete("/v1/prefixes/b").json() == {"deleted": "b"}
+        assert client.delete("/v1/prefixes/b").json() == {"deleted": "b", "purged": False}
         assert client.post("/v1/generate", json={"prefix": "b", "inputs": "x"}).status_code == 404
         assert client.post("/v1/prefixes", json={"name": "b"}).status_code == 201  # reload from the folder
         assert client.post("/v1/prefixes", json={"name": "zzz"}).status_code == 404
