@@ -121,4 +121,3 @@ def test_uploads_replace_folders_with_the_usual_permissions_and_purge_removes_th
         assert sorted(p.name for p in directory.iterdir()) == ["a", "b", "c"]  # no staging or trash left
     again, model, _ = _client(served)
     assert "d" not in model.prefix_names()
-
