@@ -9,7 +9,6 @@ takes the server down.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ from .engine import Request as EngineRequest
 from .metrics import ServerMetrics
 from .registry import PrefixNotFound, PrefixRegistry, PrefixTooLarge
 from .settings import ServerSettings
+from .tenants import EVERYTHING, Keys
 from .text import TextStream, prompt_ids
 
 PREFIX_NAME = f"^{NAME_CHARS}$"
@@ -92,7 +92,8 @@ class ErrorBody(BaseModel):
 
 _STATUS = {
     400: "a value the server's limits refuse (input too long, too many inputs, text that cannot be encoded)",
-    401: "missing or wrong API key (only when the server has one)",
+    401: "missing or wrong API key (only when the server has keys)",
+    403: "this API key may use the prefix but not manage it",
     404: "unknown prefix",
     413: "request body, or an uploaded or loaded prefix, over the server's limits (bytes, tokens, memory budget)",
     422: "a field missing, of the wrong type or outside its bounds",
@@ -197,6 +198,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     engine = engine or Engine(model, eos, pad, settings.max_batch_size)
     registry = PrefixRegistry(model, prefix_dir, engine.lock, settings)
     metrics = ServerMetrics()
+    keys = Keys.build(settings.api_key, settings.keys)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -212,13 +214,16 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     @app.middleware("http")
     async def auth_and_metrics(request: Request, call_next):
         started = time.monotonic()
-        if settings.api_key and request.url.path != "/health":
+        request.state.tenant = EVERYTHING
+        if keys.required and request.url.path != "/health":
             header = request.headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            tenant = keys.find(given)
+            if tenant is None:
                 response = _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authorization")
                 metrics.request(route_label(app, request.scope), 401, time.monotonic() - started)
                 return response
+            request.state.tenant = tenant
         response = await call_next(request)
         metrics.request(route_label(app, request.scope), response.status_code, time.monotonic() - started)
         return response
@@ -254,29 +259,40 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/prefixes", responses=_documented())
-    async def list_prefixes():
-        return {"prefixes": [registry.describe(n) for n in registry.names()]}
+    async def list_prefixes(request: Request):
+        tenant = request.state.tenant
+        return {"prefixes": [registry.describe(n) for n in registry.names() if tenant.may_use(n)]}
 
-    @app.post("/v1/prefixes", status_code=201, responses=_documented(400, 404, 413))
-    async def add_prefix(body: PrefixBody):
+    def _may_manage(request: Request, name: str) -> None:
+        tenant = request.state.tenant
+        if not tenant.may_use(name):
+            raise ApiError(404, f"unknown prefix {name!r}", "name")  # as if it did not exist
+        if not tenant.may_manage(name):
+            raise ApiError(403, f"this API key may use prefix {name!r} but not load, upload or delete it", "name")
+
+    @app.post("/v1/prefixes", status_code=201, responses=_documented(400, 403, 404, 413))
+    async def add_prefix(request: Request, body: PrefixBody):
+        _may_manage(request, body.name)
         if (body.config is None) != (body.weights is None):
             raise ApiError(400, "an upload needs both 'config' and 'weights'", "weights")
         if body.config is not None:
             return await asyncio.to_thread(registry.upload, body.name, body.config, body.weights)
         return await asyncio.to_thread(registry.load, body.name)
 
-    @app.delete("/v1/prefixes/{name}", responses=_documented(400, 404))  # requests already running finish
+    @app.delete("/v1/prefixes/{name}", responses=_documented(400, 403, 404))  # requests already running finish
     async def delete_prefix(
+        request: Request,
         name: Annotated[str, Path(pattern=PREFIX_NAME)],
         purge: Annotated[
             bool, Query(description="also delete its folder (else it loads again at the next start)")
         ] = False,
     ):
+        _may_manage(request, name)
         await asyncio.to_thread(registry.remove, name, purge)
         return {"deleted": name, "purged": purge}
 
-    def _check_prefix(name: str, field: str) -> None:
-        if not model.has_prefix(name):
+    def _check_prefix(request: Request, name: str, field: str) -> None:
+        if not model.has_prefix(name) or not request.state.tenant.may_use(name):
             raise ApiError(404, f"unknown prefix {name!r}", field)
 
     def _requests(prefix, texts, field, opts: GenerationOptions) -> list[tuple[EngineRequest, TextStream]]:
@@ -318,8 +334,8 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         return texts
 
     @app.post("/v1/generate", responses=_documented(400, 404, 413, 504))
-    async def generate(body: GenerateBody):
-        _check_prefix(body.prefix, "prefix")
+    async def generate(request: Request, body: GenerateBody):
+        _check_prefix(request, body.prefix, "prefix")
         texts = _common_checks(body.inputs, "inputs", body.max_new_tokens)
         opts = _options(body.model_dump(exclude={"prefix", "inputs", "stream"}))
         jobs = _requests(body.prefix, texts, "inputs", opts)
@@ -335,8 +351,8 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         return {"prefix": body.prefix, "outputs": [text for text, _ in results]}
 
     @app.post("/v1/completions", responses=_documented(400, 404, 413, 504))
-    async def completions(body: CompletionBody):
-        _check_prefix(body.model, "model")
+    async def completions(request: Request, body: CompletionBody):
+        _check_prefix(request, body.model, "model")
         texts = _common_checks(body.prompt, "prompt", body.max_tokens)
         given = body.model_dump(exclude={"model", "prompt", "stream", "max_tokens", "temperature"})
         sampled = {"do_sample": True, "temperature": body.temperature} if body.temperature > 0 else {}

@@ -17,6 +17,9 @@ class ServerSettings:
     api_key: str | None = _setting(
         None, "require 'Authorization: Bearer KEY' on every endpoint but /health (default: $PREFIXTUNE_API_KEY)"
     )
+    keys: str | None = _setting(
+        None, "JSON file mapping API keys to the prefix name patterns each may use and whether it may manage them"
+    )
     max_input_tokens: int = _setting(1024, "longest prompt, in tokens")
     max_new_tokens: int = _setting(512, "largest max_new_tokens (max_tokens)")
     max_batch_size: int = _setting(32, "most inputs in one request, and rows decoded at once")
@@ -38,8 +41,10 @@ def add_flags(parser, positive) -> None:
     """One ``--flag`` per setting, with its default and help; ``positive(type)`` parses numbers > 0."""
     for f in fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "api_key":
-            parser.add_argument(flag, default=None, help=f.metadata["help"])
+        if f.type == "str | None":
+            parser.add_argument(
+                flag, default=None, metavar="FILE" if f.name == "keys" else "KEY", help=f.metadata["help"]
+            )
             continue
         kind = float if f.type == "float" else int
         parser.add_argument(
