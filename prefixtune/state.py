@@ -349,15 +349,25 @@ class PrefixedState:
         Returns:
             The state and the logits (B, V) for the first new token.
         """
-        batch = model.batch_prefix(prefix, input_ids.shape[0])
         if not model.geometry.is_encoder_decoder:
-            state = cls.causal(model, batch["decoder"])
-            out = model.run_causal(input_ids, attention_mask, state, logits_to_keep=1)
-            return state, out.logits[:, -1]
+            state = cls.begin(model, prefix, input_ids.shape[0])
+            return state, state.feed(input_ids, attention_mask)
+        batch = model.batch_prefix(prefix, input_ids.shape[0])
         hidden, key_mask = model.encode(input_ids, attention_mask, batch)
         state = cls.seq2seq(model, batch, hidden, key_mask)
         start = torch.full((input_ids.shape[0],), decoder_start(model.base), device=model.device)
         return state, state.extend(start)
+
+    @classmethod
+    def begin(cls, model, prefix, rows: int) -> PrefixedState:
+        """Decoder-only: a batch of ``rows`` holding only their prefixes, for :meth:`feed` to continue."""
+        return cls.causal(model, model.batch_prefix(prefix, rows)["decoder"])
+
+    def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder-only: process (B, T) more input tokens after what the state holds (a prompt, or the next
+        chunk of one: prefilling chunk by chunk computes what one pass does); returns the logits (B, V) of
+        the last position."""
+        return self.model.run_causal(input_ids, attention_mask, self, logits_to_keep=1).logits[:, -1]
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,); returns the logits (B, V) for the next one."""

@@ -95,6 +95,7 @@ _STATUS = {
     401: "missing or wrong API key (only when the server has keys)",
     403: "this API key may use the prefix but not manage it",
     404: "unknown prefix",
+    429: "this API key has its most requests in flight (--max-requests-per-key)",
     413: "request body, or an uploaded or loaded prefix, over the server's limits (bytes, tokens, memory budget)",
     422: "a field missing, of the wrong type or outside its bounds",
     500: "the request failed while decoding, or an unexpected error (the server goes on)",
@@ -177,6 +178,25 @@ class Unexpected:
             await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send)
 
 
+class InFlight:
+    """Generation requests in flight per API key: one key's flood is answered 429 instead of queueing ahead
+    of everyone else. (The event loop is one thread, so plain counters suffice.)"""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count = limit, {}
+
+    def enter(self, key: str) -> str:
+        if self.count.get(key, 0) >= self.limit:
+            raise ApiError(429, f"this API key has {self.limit} requests in flight; retry when one finishes")
+        self.count[key] = self.count.get(key, 0) + 1
+        return key
+
+    def leave(self, key: str) -> None:
+        self.count[key] -= 1
+        if not self.count[key]:
+            del self.count[key]
+
+
 def route_label(app, scope) -> str:
     """The route template a request matches (``/v1/prefixes/{name}``), never its raw path: metric labels
     stay a small fixed set whatever clients send."""
@@ -195,10 +215,11 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     settings = settings or ServerSettings()
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    engine = engine or Engine(model, eos, pad, settings.max_batch_size)
+    engine = engine or Engine(model, eos, pad, settings.max_batch_size, prefill_budget=settings.prefill_budget)
     registry = PrefixRegistry(model, prefix_dir, engine.lock, settings)
     metrics = ServerMetrics()
     keys = Keys.build(settings.api_key, settings.keys)
+    in_flight = InFlight(settings.max_requests_per_key)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -214,7 +235,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     @app.middleware("http")
     async def auth_and_metrics(request: Request, call_next):
         started = time.monotonic()
-        request.state.tenant = EVERYTHING
+        request.state.tenant, request.state.key = EVERYTHING, ""
         if keys.required and request.url.path != "/health":
             header = request.headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -223,7 +244,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
                 response = _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authorization")
                 metrics.request(route_label(app, request.scope), 401, time.monotonic() - started)
                 return response
-            request.state.tenant = tenant
+            request.state.tenant, request.state.key = tenant, given
         response = await call_next(request)
         metrics.request(route_label(app, request.scope), response.status_code, time.monotonic() - started)
         return response
@@ -333,7 +354,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             raise ApiError(400, f"at most {settings.max_new_tokens} new tokens", "max_new_tokens")
         return texts
 
-    @app.post("/v1/generate", responses=_documented(400, 404, 413, 504))
+    @app.post("/v1/generate", responses=_documented(400, 404, 413, 429, 504))
     async def generate(request: Request, body: GenerateBody):
         _check_prefix(request, body.prefix, "prefix")
         texts = _common_checks(body.inputs, "inputs", body.max_new_tokens)
@@ -341,16 +362,17 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         jobs = _requests(body.prefix, texts, "inputs", opts)
         if body.stream:
             return _sse(
+                request,
                 _stream_events(
                     jobs,
                     lambda i, delta, reason: {"index": i, "text": delta, "finish_reason": reason},
                     lambda i, status, message: {"index": i, "error": {"message": message, "status": status}},
-                )
+                ),
             )
-        results = await _run(jobs)
+        results = await _run(request, jobs)
         return {"prefix": body.prefix, "outputs": [text for text, _ in results]}
 
-    @app.post("/v1/completions", responses=_documented(400, 404, 413, 504))
+    @app.post("/v1/completions", responses=_documented(400, 404, 413, 429, 504))
     async def completions(request: Request, body: CompletionBody):
         _check_prefix(request, body.model, "model")
         texts = _common_checks(body.prompt, "prompt", body.max_tokens)
@@ -362,6 +384,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
         if body.stream:
             return _sse(
+                request,
                 _stream_events(
                     jobs,
                     lambda i, delta, reason: {
@@ -371,9 +394,9 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
                         ],
                     },
                     _openai_error,
-                )
+                ),
             )
-        results = await _run(jobs)
+        results = await _run(request, jobs)
         prompt_tokens = sum(len(r.input_ids) for r, _ in jobs)
         completion_tokens = sum(len(r.tokens) for r, _ in jobs)
         return {
@@ -389,7 +412,14 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             },
         }
 
-    async def _run(jobs) -> list[tuple[str, str]]:
+    async def _run(http: Request, jobs) -> list[tuple[str, str]]:
+        key = in_flight.enter(http.state.key)
+        try:
+            return await _decode(jobs)
+        finally:
+            in_flight.leave(key)
+
+    async def _decode(jobs) -> list[tuple[str, str]]:
         loop = asyncio.get_running_loop()
         futures = []
         for request, _ in jobs:
@@ -443,11 +473,16 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
                 for request, _ in jobs:
                     request.cancelled = True
 
-    def _sse(events) -> StreamingResponse:
+    def _sse(http: Request, events) -> StreamingResponse:
+        key = in_flight.enter(http.state.key)
+
         async def body():
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
-            yield "data: [DONE]\n\n"
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                in_flight.leave(key)
 
         return StreamingResponse(body(), media_type="text/event-stream")
 

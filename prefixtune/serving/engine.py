@@ -89,6 +89,9 @@ class Engine:
         pad_token_id: Padding id for prompts.
         max_batch_size: Most requests decoded at once.
         lock: Held during every model call; take it to add or remove prefixes safely.
+        prefill_budget: Most prompt tokens prefilled per step, between decoding steps of the running
+            requests: joiners are admitted while their prompts fit, and a longer prompt is prefilled in
+            chunks of this size, so no prompt stalls the others for more than one chunk.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class Engine:
         pad_token_id: int,
         max_batch_size: int = 32,
         lock: threading.Lock | None = None,
+        prefill_budget: int = 256,
     ) -> None:
         self.model = model
         self.eos = set(eos_token_ids)
@@ -110,6 +114,8 @@ class Engine:
         self._state: PrefixedState | None = None
         self._pending: torch.Tensor | None = None  # (B,) each running row's token not yet fed
         self._admitting: list[Request] = []
+        self.prefill_budget = prefill_budget
+        self._chunked: list[tuple[Request, PrefixedState, int]] = []  # long prompts: (request, state, tokens fed)
         self._wake = threading.Condition()
         self._ids = itertools.count(1)
         self._stop = False
@@ -132,7 +138,7 @@ class Engine:
     def busy(self) -> int:
         """Requests waiting, being admitted or running."""
         with self._wake:
-            return len(self._waiting) + len(self._admitting) + len(self._running)
+            return len(self._waiting) + len(self._admitting) + len(self._running) + len(self._chunked)
 
     def start(self) -> None:
         self._stop = False
@@ -154,7 +160,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._running and not self._chunked:
                     self._wake.wait()
                 if self._stop:
                     return
@@ -165,16 +171,24 @@ class Engine:
                 self._fail_all(e)
 
     def step(self) -> None:
-        """One round: admit waiting requests, then decode one token for every running request."""
-        self._admit()
+        """One round: admit waiting requests (and prefill the next chunk of long prompts) within the step's
+        token budget, then decode one token for every running request."""
+        budget = self._admit()
+        self._advance_chunks(budget)
         if self._running:
             self._decode_step()
 
     def _take_waiting(self, limit: int) -> list[Request]:
-        taken = []
+        """Up to ``limit`` waiting requests, in order, whose prompts fit the step's token budget (a prompt
+        longer than the whole budget is taken alone, to be prefilled in chunks)."""
+        taken, tokens = [], 0
         with self._wake:  # moved to _admitting under the lock, so `busy` never misses them
             while self._waiting and len(taken) < limit:
+                size = len(self._waiting[0].input_ids)
+                if taken and tokens + size > self.prefill_budget:
+                    break
                 taken.append(self._waiting.popleft())
+                tokens += size
             self._admitting = taken
         now = time.monotonic()
         for r in taken:
@@ -185,11 +199,16 @@ class Engine:
                 _done(r, "error")
         return [r for r in taken if r.error is None and not self._finish_if_cancelled(r)]
 
-    def _admit(self) -> None:
-        room = self.max_batch_size - len(self._running)
+    def _admit(self) -> int:
+        """Start waiting requests; returns the prefill budget left for this step."""
+        room = self.max_batch_size - len(self._running) - len(self._chunked)
         if room <= 0:
-            return
+            return self.prefill_budget
         new = self._take_waiting(room)  # held in _admitting: reported as failed if a prefill raises
+        long = [r for r in new if self._chunkable(r) and len(r.input_ids) > self.prefill_budget]
+        for r in long:
+            _isolated([r], self._begin_chunks)
+        new = [r for r in new if r not in long]
         static = [r for r in new if r.options.num_beams > 1 or not self.continuous]
         for group in _static_groups(static, self.model):
             self._admitting = group
@@ -198,20 +217,60 @@ class Engine:
         self._admitting = joining
         if joining:
             _isolated(joining, self._join)
+        self._admitting = []
+        return self.prefill_budget - sum(len(r.input_ids) for r in new)
 
     def _join(self, joining: list[Request]) -> None:
         """Prefill requests and merge them into the running batch."""
         ids, mask = self._prompts(joining)
         state, logits = PrefixedState.prefill(self.model, ids, mask, [r.prefix for r in joining])
+        self._run_with(joining, state, logits)
+
+    def _run_with(self, joining: list[Request], state: PrefixedState, logits: torch.Tensor) -> None:
+        """Requests whose prompts are prefilled: choose their first tokens and merge them into the running batch."""
         for r in joining:
             self._start_choosing(r)
         self.stats.batch_sizes.append(len(joining))
         tokens = self._choose(joining, logits)
         self._state = state if self._state is None else PrefixedState.merge([self._state, state])
         self._running.extend(joining)
-        self._admitting = []
         self._pending = tokens if self._pending is None else torch.cat([self._pending, tokens])
         self._retire()
+
+    # ------------------------------------------------------------------ long prompts, chunk by chunk
+    def _chunkable(self, request: Request) -> bool:
+        return self.continuous and request.options.num_beams == 1 and not self.model.geometry.is_encoder_decoder
+
+    def _begin_chunks(self, requests: list[Request]) -> None:
+        (request,) = requests
+        self._chunked.append((request, PrefixedState.begin(self.model, [request.prefix], 1), 0))
+
+    def _advance_chunks(self, budget: int) -> None:
+        """Prefill the next chunk of each long prompt, oldest first, within ``budget`` tokens (at least one
+        chunk per step, so long prompts always progress)."""
+        going, progressed = [], False
+        for request, state, fed in self._chunked:
+            if request.cancelled:
+                _done(request, "cancelled")
+                continue
+            allowance = max(budget, 0) if progressed else max(budget, self.prefill_budget // 2)
+            size = min(len(request.input_ids) - fed, allowance)
+            if size <= 0:
+                going.append((request, state, fed))
+                continue
+            budget, progressed = budget - size, True
+            ids = torch.tensor([request.input_ids[fed : fed + size]], device=self.model.device)  # (1, size)
+            try:
+                logits = state.feed(ids, torch.ones_like(ids))
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                _fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
+                _done(request, "error")
+                continue
+            if fed + size < len(request.input_ids):
+                going.append((request, state, fed + size))
+            else:
+                self._run_with([request], state, logits)
+        self._chunked = going
 
     def _decode_step(self) -> None:
         self.stats.batch_sizes.append(len(self._running))
@@ -302,10 +361,10 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         """After a decoding step raised: end the requests being decoded (the waiting ones get their turn)."""
-        for request in self._running + self._admitting:
+        for request in self._running + self._admitting + [c[0] for c in self._chunked]:
             _fail(request, 500, f"decoding failed: {type(error).__name__}: {error}")
             _done(request, "error")
-        self._running, self._admitting, self._state, self._pending = [], [], None, None
+        self._running, self._admitting, self._state, self._pending, self._chunked = [], [], None, None, []
 
 
 def _isolated(requests: list[Request], run: Callable[[list[Request]], None]) -> None:

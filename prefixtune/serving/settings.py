@@ -25,6 +25,10 @@ class ServerSettings:
     max_batch_size: int = _setting(32, "most inputs in one request, and rows decoded at once")
     max_body_bytes: int = _setting(1_000_000, "largest request body, in bytes (prefix uploads: see --max-prefix-bytes)")
     request_timeout: float = _setting(120.0, "seconds before a request is abandoned with 504")
+    max_requests_per_key: int = _setting(64, "generation requests one API key may have in flight (then 429)")
+    prefill_budget: int = _setting(
+        256, "prompt tokens prefilled per decoding step: longer prompts are prefilled in chunks between steps"
+    )
     max_prefix_tokens: int = _setting(1024, "longest prefix a folder or an upload may hold, in virtual tokens")
     max_prefix_bytes: int = _setting(100_000_000, "largest prefix.safetensors a folder or an upload may hold, in bytes")
     max_prefix_memory: int = _setting(

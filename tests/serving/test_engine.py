@@ -151,3 +151,29 @@ def test_sampling_is_seeded_per_request():
         while engine.busy:
             engine.step()
     assert got[0] == got[1] and len(got[0]) == 8
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding():
+    model = _model()
+    engine = Engine(model, eos_token_ids=[], pad_token_id=0, max_batch_size=8, prefill_budget=8)
+    short = [Request("a", [5, 6, 7], max_new_tokens=12), Request("c", [8, 9], max_new_tokens=12)]
+    long_ids = [(i * 7) % 90 + 3 for i in range(30)]
+    long = Request("b", long_ids, max_new_tokens=5)
+    with torch.inference_mode():
+        for r in short:
+            engine.submit(r)
+        engine.step()
+        engine.submit(long)
+        progress = []
+        while not long.tokens:
+            engine.step()
+            progress.append([len(r.tokens) for r in short])
+        while engine.busy:
+            engine.step()
+    # 30 prompt tokens at most 8 (then 4 with the short ones' budget used) per step: several steps, during
+    # each of which every short request still got its next token
+    assert len(progress) >= 4
+    assert all(b == [a[0] + 1, a[1] + 1] for a, b in zip(progress, progress[1:]))
+    assert long.tokens == _alone(model, "b", long_ids, eos=(), max_new_tokens=5)
+    for r, (prefix, ids) in zip(short, [("a", [5, 6, 7]), ("c", [8, 9])]):
+        assert r.tokens == _alone(model, prefix, ids, eos=(), max_new_tokens=12)

@@ -95,3 +95,29 @@ def test_keys_files_are_checked_with_errors_that_say_what_to_fix(tmp_path, conte
     (tmp_path / "keys.json").write_text(content)
     with pytest.raises(PrefixTuneError, match=message):
         read_keys(tmp_path / "keys.json")
+
+
+def test_one_key_over_its_requests_in_flight_gets_429_and_others_do_not(served, tmp_path):
+    import threading
+    import time
+
+    model, tok, directory = served
+    (tmp_path / "keys.json").write_text(json.dumps({k: {"prefixes": ["*"], "manage": False} for k in (ACME, BETA)}))
+    settings = ServerSettings(keys=str(tmp_path / "keys.json"), max_requests_per_key=2)
+    app = create_app(model, tok, directory, settings)
+    app.state.registry.load_all()
+    client, results = TestClient(app), []
+    with client:
+        with app.state.engine.lock:  # the engine is busy: requests stay in flight
+            threads = [threading.Thread(target=lambda: results.append(_generate(client, ACME, "a"))) for _ in range(2)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            refused = _generate(client, ACME, "a")
+            assert refused.status_code == 429 and "in flight" in refused.json()["error"]["message"]
+            other = threading.Thread(target=lambda: results.append(_generate(client, BETA, "a")))
+            other.start()
+        for t in [*threads, other]:
+            t.join(timeout=60)
+        assert [r.status_code for r in results] == [200, 200, 200]
+        assert _generate(client, ACME, "a").status_code == 200  # slots freed
