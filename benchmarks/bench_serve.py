@@ -17,28 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
+from serving_harness import LiveServer
 
 
-def _post(port: int, body: dict) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/generate",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())
-
-
-def _run(port: int, waves: list[list[dict]]) -> dict:
+def _run(server: LiveServer, waves: list[list[dict]]) -> dict:
     """Send each wave's requests concurrently, waves one after another; time everything."""
     latencies: list[float] = []
     started = time.perf_counter()
@@ -46,7 +35,8 @@ def _run(port: int, waves: list[list[dict]]) -> dict:
 
         def one(body):
             t = time.perf_counter()
-            _post(port, body)
+            status, _ = server.post("/v1/generate", body)
+            assert status == 200, status
             latencies.append(time.perf_counter() - t)
 
         threads = [threading.Thread(target=one, args=(b,)) for b in wave]
@@ -68,8 +58,6 @@ def _run(port: int, waves: list[list[dict]]) -> dict:
 
 
 def main() -> None:
-    import uvicorn
-
     from prefixtune import PrefixConfig, PrefixTunedModel, load_base
     from prefixtune.data import group_references, load_examples
     from prefixtune.serving.app import ServerSettings, create_app
@@ -109,24 +97,15 @@ def main() -> None:
     settings = ServerSettings(max_batch_size=args.prefixes * args.requests, request_timeout=3600)
     app = create_app(model, tokenizer, prefix_dir, settings)
     app.state.registry.load_all()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-
-    _run(port, [[bodies[names[0]][0]]])  # warm-up
+    server = LiveServer(app)
+    _run(server, [[bodies[names[0]][0]]])  # warm-up
     everything = [b for name in names for b in bodies[name]]
     results = {
-        "mixed": _run(port, [everything]),
-        "per_prefix": _run(port, [bodies[name] for name in names]),
-        "sequential": _run(port, [[b] for b in everything]),
+        "mixed": _run(server, [everything]),
+        "per_prefix": _run(server, [bodies[name] for name in names]),
+        "sequential": _run(server, [[b] for b in everything]),
     }
-    server.should_exit = True
-    thread.join()
+    server.stop()
 
     mixed = results["mixed"]["tokens_per_s"]
     summary = {

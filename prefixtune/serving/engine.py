@@ -10,7 +10,9 @@ alike (an encoder-decoder request is encoded and takes its first decoder step wh
 relative positions and the BART family's per-row positions let prefixes and histories of any
 length share the batch). Beam search requests — and every request on an encoder-decoder model
 whose decoder positions cannot be set per row — are decoded as one static mixed-prefix batch per
-admission round and set of options. Every request carries one
+admission round and set of options. Each step prefills at most ``prefill_budget`` prompt tokens:
+joiners are admitted while their prompts fit, and a longer prompt is prefilled in chunks between
+decoding steps, so one long prompt cannot stall the running requests. Every request carries one
 :class:`prefixtune.GenerationOptions`, and its tokens are chosen by the same
 :class:`prefixtune.generation.TokenChooser` (or beam search) that offline ``generate`` uses.
 """
@@ -246,19 +248,21 @@ class Engine:
         self._chunked.append((request, PrefixedState.begin(self.model, [request.prefix], 1), 0))
 
     def _advance_chunks(self, budget: int) -> None:
-        """Prefill the next chunk of each long prompt, oldest first, within ``budget`` tokens (at least one
-        chunk per step, so long prompts always progress)."""
-        going, progressed = [], False
+        """Prefill the next chunk of each long prompt, oldest first, within ``budget`` tokens. While other
+        requests decode, long prompts get an eighth of the budget per step (at least 16 tokens), so a step
+        takes at most about twice as long as decoding alone; when nothing decodes, the whole budget."""
+        share = self.prefill_budget if not self._running else max(16, self.prefill_budget // 8)
+        budget = min(max(budget, share // 2), share)  # always some progress, never more than the share
+        going = []
         for request, state, fed in self._chunked:
             if request.cancelled:
                 _done(request, "cancelled")
                 continue
-            allowance = max(budget, 0) if progressed else max(budget, self.prefill_budget // 2)
-            size = min(len(request.input_ids) - fed, allowance)
+            size = min(len(request.input_ids) - fed, budget)
             if size <= 0:
                 going.append((request, state, fed))
                 continue
-            budget, progressed = budget - size, True
+            budget -= size
             ids = torch.tensor([request.input_ids[fed : fed + size]], device=self.model.device)  # (1, size)
             try:
                 logits = state.feed(ids, torch.ones_like(ids))
