@@ -12,7 +12,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="serve many prefixes over one frozen model (HTTP, batched across prefixes)",
-        description="Load the base model once and every prefix folder in --prefixes, then serve /v1/generate, "
+        description="Load the base model once, then serve the prefix folders of --prefixes (each loaded on first "
+        "use, the least recently used unloaded past --max-prefix-memory): /v1/generate, "
         "/v1/completions (OpenAI-style, model = prefix name), /v1/prefixes, /health and /metrics. Requests with "
         "different prefixes are decoded together, one forward pass per step.",
     )
@@ -39,10 +40,11 @@ def run(args) -> int:
     model = PrefixTunedModel(base, tokenizer)
     model.base_name = args.model or DEFAULT_MODEL
     app = create_app(model, tokenizer, args.prefixes, settings)
-    for name, reason in app.state.registry.load_all().items():
-        print(f"prefixtune: refused prefix {name!r}: {reason}", file=sys.stderr)
+    found = len(app.state.registry.names())
     print(
-        f"prefixtune: serving {len(model.prefix_names())} prefixes on http://{args.host}:{args.port}", file=sys.stderr
+        f"prefixtune: serving the {found} prefix folders of {args.prefixes} (each loaded on first use) on "
+        f"http://{args.host}:{args.port}",
+        file=sys.stderr,
     )
     uvicorn.run(
         app,

@@ -48,7 +48,10 @@ GenerateBody = create_model(
     "GenerateBody",
     __config__=ConfigDict(extra="forbid"),
     prefix=(str, Field(pattern=PREFIX_NAME, description="name of the prefix to decode with")),
-    inputs=(str | list[str], Field(description="one input text, or a list decoded as a batch")),
+    inputs=(
+        str | Annotated[list[str], Field(min_length=1)],
+        Field(description="one input text, or a list decoded as a batch"),
+    ),
     stream=(StrictBool, Field(False, description="send tokens as server-sent events")),
     **options.pydantic_fields(),
 )
@@ -60,7 +63,7 @@ CompletionBody = create_model(
     "CompletionBody",
     __config__=ConfigDict(extra="ignore"),  # OpenAI clients send fields we do not use
     model=(str, Field(pattern=PREFIX_NAME, description="name of the prefix")),
-    prompt=(str | list[str], Field(description="one prompt, or a list")),
+    prompt=(str | Annotated[list[str], Field(min_length=1)], Field(description="one prompt, or a list")),
     stream=(StrictBool, False),
     temperature=(
         StrictFloat,
@@ -268,7 +271,12 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
 
     @app.get("/health", responses=_documented())
     async def health():
-        return {"status": "ok", "model": model.base_name, "prefixes": len(registry.names()), "busy": engine.busy}
+        return {
+            "status": "ok",
+            "model": model.base_name,
+            "resident_prefixes": len(model.prefix_names()),
+            "busy": engine.busy,
+        }
 
     @app.get(
         "/metrics",
@@ -312,9 +320,28 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         await asyncio.to_thread(registry.remove, name, purge)
         return {"deleted": name, "purged": purge}
 
-    def _check_prefix(request: Request, name: str, field: str) -> None:
-        if not model.has_prefix(name) or not request.state.tenant.may_use(name):
+    @asynccontextmanager
+    async def _using(request: Request, name: str, field: str):
+        """Prefix ``name`` resident (loaded on first use) and kept so while the request runs; a stream takes
+        over releasing it (``use["stream"] = True``) when its last event is sent."""
+        if not request.state.tenant.may_use(name):
             raise ApiError(404, f"unknown prefix {name!r}", field)
+        key = in_flight.enter(request.state.key)  # 429 before anything is loaded
+        try:
+            await asyncio.to_thread(registry.acquire, name)
+        except PrefixNotFound:
+            in_flight.leave(key)
+            raise ApiError(404, f"unknown prefix {name!r}", field) from None
+        except BaseException:
+            in_flight.leave(key)
+            raise
+        use = {"stream": False, "key": key}
+        try:
+            yield use
+        finally:
+            if not use["stream"]:
+                registry.release(name)
+                in_flight.leave(key)
 
     def _requests(prefix, texts, field, opts: GenerationOptions) -> list[tuple[EngineRequest, TextStream]]:
         out = []
@@ -356,47 +383,49 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
 
     @app.post("/v1/generate", responses=_documented(400, 404, 413, 429, 504))
     async def generate(request: Request, body: GenerateBody):
-        _check_prefix(request, body.prefix, "prefix")
         texts = _common_checks(body.inputs, "inputs", body.max_new_tokens)
         opts = _options(body.model_dump(exclude={"prefix", "inputs", "stream"}))
-        jobs = _requests(body.prefix, texts, "inputs", opts)
-        if body.stream:
-            return _sse(
-                request,
-                _stream_events(
-                    jobs,
-                    lambda i, delta, reason: {"index": i, "text": delta, "finish_reason": reason},
-                    lambda i, status, message: {"index": i, "error": {"message": message, "status": status}},
-                ),
-            )
-        results = await _run(request, jobs)
+        async with _using(request, body.prefix, "prefix") as use:
+            jobs = _requests(body.prefix, texts, "inputs", opts)
+            if body.stream:
+                return _sse(
+                    _stream_events(
+                        jobs,
+                        lambda i, delta, reason: {"index": i, "text": delta, "finish_reason": reason},
+                        lambda i, status, message: {"index": i, "error": {"message": message, "status": status}},
+                    ),
+                    body.prefix,
+                    use,
+                )
+            results = await _run(jobs)
         return {"prefix": body.prefix, "outputs": [text for text, _ in results]}
 
     @app.post("/v1/completions", responses=_documented(400, 404, 413, 429, 504))
     async def completions(request: Request, body: CompletionBody):
-        _check_prefix(request, body.model, "model")
         texts = _common_checks(body.prompt, "prompt", body.max_tokens)
         given = body.model_dump(exclude={"model", "prompt", "stream", "max_tokens", "temperature"})
         sampled = {"do_sample": True, "temperature": body.temperature} if body.temperature > 0 else {}
         opts = _options({**given, **sampled, "max_new_tokens": body.max_tokens})
-        jobs = _requests(body.model, texts, "prompt", opts)
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
-        if body.stream:
-            return _sse(
-                request,
-                _stream_events(
-                    jobs,
-                    lambda i, delta, reason: {
-                        **head,
-                        "choices": [
-                            {"text": delta, "index": i, "logprobs": None, "finish_reason": _openai_reason(reason)}
-                        ],
-                    },
-                    _openai_error,
-                ),
-            )
-        results = await _run(request, jobs)
+        async with _using(request, body.model, "model") as use:
+            jobs = _requests(body.model, texts, "prompt", opts)
+            if body.stream:
+                return _sse(
+                    _stream_events(
+                        jobs,
+                        lambda i, delta, reason: {
+                            **head,
+                            "choices": [
+                                {"text": delta, "index": i, "logprobs": None, "finish_reason": _openai_reason(reason)}
+                            ],
+                        },
+                        _openai_error,
+                    ),
+                    body.model,
+                    use,
+                )
+            results = await _run(jobs)
         prompt_tokens = sum(len(r.input_ids) for r, _ in jobs)
         completion_tokens = sum(len(r.tokens) for r, _ in jobs)
         return {
@@ -412,14 +441,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             },
         }
 
-    async def _run(http: Request, jobs) -> list[tuple[str, str]]:
-        key = in_flight.enter(http.state.key)
-        try:
-            return await _decode(jobs)
-        finally:
-            in_flight.leave(key)
-
-    async def _decode(jobs) -> list[tuple[str, str]]:
+    async def _run(jobs) -> list[tuple[str, str]]:
         loop = asyncio.get_running_loop()
         futures = []
         for request, _ in jobs:
@@ -473,8 +495,8 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
                 for request, _ in jobs:
                     request.cancelled = True
 
-    def _sse(http: Request, events) -> StreamingResponse:
-        key = in_flight.enter(http.state.key)
+    def _sse(events, prefix: str, use: dict) -> StreamingResponse:
+        use["stream"] = True  # the stream releases the prefix and the key's slot when it ends
 
         async def body():
             try:
@@ -482,7 +504,8 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
                     yield f"data: {json.dumps(event)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                in_flight.leave(key)
+                in_flight.leave(use["key"])
+                registry.release(prefix)
 
         return StreamingResponse(body(), media_type="text/event-stream")
 

@@ -6,6 +6,11 @@ agree with its config (:func:`prefixtune.files.check_tensors`), within the serve
 prefix length, file size and the memory all resident prefixes take. A prefix trained on another
 base model is refused with the error naming both models. Folders are replaced atomically and get the
 usual permissions (umask), never the 0700 of a temporary directory.
+
+Thousands of folders: nothing is loaded at start-up. A prefix is loaded on first use
+(:meth:`PrefixRegistry.ensure`), reloaded when its files change on disk, and the least recently used
+prefixes are unloaded when the resident ones would exceed the memory budget — except those that
+requests are using (:meth:`acquire`). Start-up time and memory do not grow with the number of folders.
 """
 
 from __future__ import annotations
@@ -13,16 +18,21 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 import threading
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from ..errors import PrefixTuneError
 from ..files import CONFIG, WEIGHTS, current_umask, read_json
-from ..model import check_prefix_name
+from ..model import NAME_CHARS, check_prefix_name
 from .settings import ServerSettings
+
+_NAME = re.compile(NAME_CHARS)
 
 
 class PrefixNotFound(PrefixTuneError):
@@ -49,6 +59,9 @@ class PrefixRegistry:
         self.settings = settings or ServerSettings()
         if not self.directory.is_dir():
             raise PrefixTuneError(f"{directory}: prefix directory not found")
+        self._used: OrderedDict[str, tuple] = OrderedDict()  # loaded from folders: name → files' stamp, LRU order
+        self._pins: Counter[str] = Counter()  # requests using each prefix: never unloaded under them
+        self._pin_lock = threading.RLock()  # pins and LRU order; not the engine's: never waits for a decoding step
 
     def _folder(self, name: str) -> Path:
         path = (self.directory / check_prefix_name(name)).resolve()
@@ -74,6 +87,35 @@ class PrefixRegistry:
         self._load_checked(path, name)
         return self.describe(name)
 
+    def ensure(self, name: str) -> None:
+        """Make prefix ``name`` resident: load its folder on first use or when its files changed since."""
+        path = self._folder(name)
+        stamp = _stamp(path)
+        with self._pin_lock:  # not the engine's lock: a resident prefix never waits for a decoding step
+            if self.model.has_prefix(name) and self._used.get(name, stamp) == stamp:
+                if name in self._used:
+                    self._used.move_to_end(name)
+                return
+        if stamp is None:
+            raise PrefixNotFound(f"unknown prefix {name!r}")
+        self._load_checked(path, name)
+
+    def acquire(self, name: str) -> None:
+        """A request will use ``name``: make it resident and keep it so until :meth:`release`."""
+        with self._pin_lock:
+            self._pins[name] += 1
+        try:
+            self.ensure(name)
+        except BaseException:
+            self.release(name)
+            raise
+
+    def release(self, name: str) -> None:
+        with self._pin_lock:
+            self._pins[name] -= 1
+            if self._pins[name] <= 0:
+                del self._pins[name]
+
     def _load_checked(self, path: Path, name: str) -> None:
         """Load folder ``path`` as ``name`` within the limits: length and file size before reading the
         tensors, the memory budget before keeping them."""
@@ -87,14 +129,33 @@ class PrefixRegistry:
         tokens = (document.get("prefix_config") or {}).get("num_virtual_tokens") if isinstance(document, dict) else None
         if isinstance(tokens, int) and tokens > limits.max_prefix_tokens:
             raise PrefixTooLarge(f"{name}: {tokens} virtual tokens is over the limit of {limits.max_prefix_tokens}")
-        with self.lock:
-            held = self.model.resident_bytes() - (self.model.resident_bytes(name) if self.model.has_prefix(name) else 0)
-            if held + size > limits.max_prefix_memory:
-                raise PrefixTooLarge(
-                    f"{name}: resident prefixes would take {held + size:,} bytes, over the budget of "
-                    f"{limits.max_prefix_memory:,}; remove some (DELETE /v1/prefixes/NAME) or raise --max-prefix-memory"
-                )
+        stamp = _stamp(path)
+        with self.lock, self._pin_lock:
+            self._make_room(name, size)
             self.model.load_prefix(path, name=name)
+            if path.parent == self.directory:
+                self._used[name] = stamp
+                self._used.move_to_end(name)
+
+    def _make_room(self, name: str, size: int) -> None:
+        """Unload least recently used prefixes (not pinned, not ``name``) until ``size`` more bytes fit the budget."""
+        budget = self.settings.max_prefix_memory
+        held = self.model.resident_bytes() - (self.model.resident_bytes(name) if self.model.has_prefix(name) else 0)
+        for old in list(self._used):
+            if held + size <= budget:
+                break
+            with self._pin_lock:
+                pinned = self._pins[old] > 0
+            if old == name or pinned or not self.model.has_prefix(old):
+                continue
+            held -= self.model.resident_bytes(old)
+            self.model.remove_prefix(old)
+            del self._used[old]
+        if held + size > budget:
+            raise PrefixTooLarge(
+                f"{name}: resident prefixes would take {held + size:,} bytes, over the budget of {budget:,} even after "
+                "unloading the unused ones; raise --max-prefix-memory"
+            )
 
     def upload(self, name: str, config: dict, weights_base64: str) -> dict:
         """Save an uploaded prefix (config + base64 safetensors) as folder ``name`` and load it."""
@@ -132,10 +193,11 @@ class PrefixRegistry:
         """Unload prefix ``name``; with ``purge``, delete its folder too (else it stays, and loads again at the
         next start)."""
         check_prefix_name(name)
-        with self.lock:
+        with self.lock, self._pin_lock:
             if not self.model.has_prefix(name):
                 raise PrefixNotFound(f"unknown prefix {name!r}")
             self.model.remove_prefix(name)
+            self._used.pop(name, None)
         if purge:
             folder = self._folder(name)
             if folder.exists():
@@ -144,13 +206,39 @@ class PrefixRegistry:
                 shutil.rmtree(trash, ignore_errors=True)
 
     def describe(self, name: str) -> dict:
-        prefix = self.model.get_prefix(name)
-        return {
-            "name": name,
-            "num_virtual_tokens": prefix.num_tokens,
-            "mode": prefix.mode,
-            "parameters": sum(p.numel() for p in prefix.parameters()),
-        }
+        """Name, length, mode and size of a prefix, resident or not (then read from its config)."""
+        if self.model.has_prefix(name):
+            prefix = self.model.get_prefix(name)
+            return {
+                "name": name,
+                "num_virtual_tokens": prefix.num_tokens,
+                "mode": prefix.mode,
+                "parameters": sum(p.numel() for p in prefix.parameters()),
+                "resident": True,
+            }
+        try:
+            document = read_json(self._folder(name) / CONFIG)
+            config = document["prefix_config"]
+            sizes = [math.prod(shape) for shape in document["parts"].values()]
+            return {
+                "name": name,
+                "num_virtual_tokens": config["num_virtual_tokens"],
+                "mode": config.get("mode", "kv"),
+                "parameters": sum(sizes),
+                "resident": False,
+            }
+        except (PrefixTuneError, KeyError, TypeError, AttributeError, ValueError):
+            return {"name": name, "resident": False, "error": "unreadable prefix_config.json"}
 
     def names(self) -> list[str]:
-        return self.model.prefix_names()
+        """Every prefix a request may name: those resident and every folder of the directory."""
+        folders = {e.name for e in os.scandir(self.directory) if e.is_dir() and _NAME.fullmatch(e.name)}
+        return sorted(set(self.model.prefix_names()) | {n for n in folders if ".." not in n})
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What changes when a prefix folder's files change (modification times and sizes); None without a config."""
+    try:
+        return tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in (path / CONFIG, path / WEIGHTS))
+    except OSError:
+        return None

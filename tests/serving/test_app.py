@@ -128,8 +128,13 @@ def test_prefix_management(served, tmp_path):
     with client:
         assert sorted(p["name"] for p in client.get("/v1/prefixes").json()["prefixes"]) == ["a", "b", "c"]
         assert client.delete("/v1/prefixes/b").json() == {"deleted": "b", "purged": False}
-        assert client.post("/v1/generate", json={"prefix": "b", "inputs": "x"}).status_code == 404
+        assert not model.has_prefix("b")  # unloaded; its folder stays, so the next use loads it again
+        assert client.post("/v1/generate", json={"prefix": "b", "inputs": "x"}).status_code == 200
         assert client.post("/v1/prefixes", json={"name": "b"}).status_code == 201  # reload from the folder
+        assert client.delete("/v1/prefixes/b?purge=true").status_code == 200
+        assert client.post("/v1/generate", json={"prefix": "b", "inputs": "x"}).status_code == 404
+        model.save_prefix(directory / "b", name="a")  # a folder "b" again
+        assert client.post("/v1/prefixes", json={"name": "b"}).status_code == 201
         assert client.post("/v1/prefixes", json={"name": "zzz"}).status_code == 404
         for bad in ("../a", "a/../../etc", "..", "a/b"):
             r = client.post("/v1/prefixes", json={"name": bad})
