@@ -32,7 +32,8 @@ class ServerSettings:
     max_prefix_tokens: int = _setting(1024, "longest prefix a folder or an upload may hold, in virtual tokens")
     max_prefix_bytes: int = _setting(100_000_000, "largest prefix.safetensors a folder or an upload may hold, in bytes")
     max_prefix_memory: int = _setting(
-        4_000_000_000, "most memory all resident prefixes may take together, in bytes (past it the least recently used unload)"
+        4_000_000_000,
+        "most memory all resident prefixes take together, in bytes (past it, the least recently used unload)",
     )
 
     @property
