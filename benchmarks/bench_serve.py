@@ -57,6 +57,45 @@ def _run(server: LiveServer, waves: list[list[dict]]) -> dict:
     }
 
 
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def scale(model, tokenizer, source_dir: Path, bodies: list[dict], counts=(1, 100, 1000, 10_000)) -> dict:
+    """Start-up seconds and RSS with ``count`` prefix folders on disk (hard links to one prefix's files), and
+    throughput of the same requests over one prefix and over 64 distinct ones, at each count."""
+    from prefixtune.serving.app import ServerSettings, create_app
+
+    out = {}
+    for count in counts:
+        directory = Path(tempfile.mkdtemp(prefix=f"bench-scale-{count}-"))
+        for i in range(count):
+            folder = directory / f"p{i:05d}"
+            folder.mkdir()
+            for file in source_dir.iterdir():
+                (folder / file.name).hardlink_to(file)
+        for name in model.prefix_names():
+            model.remove_prefix(name)
+        rss = _rss_mb()
+        started = time.perf_counter()
+        app = create_app(model, tokenizer, directory, ServerSettings(max_batch_size=64, request_timeout=3600))
+        server = LiveServer(app)
+        startup = time.perf_counter() - started
+        listed = len(app.state.registry.names())
+        one = [{**b, "prefix": "p00000"} for b in bodies]
+        many = [{**b, "prefix": f"p{(i * 7919) % count:05d}"} for i, b in enumerate(bodies)]
+        row = {"startup_s": startup, "rss_mb_added": _rss_mb() - rss, "prefixes_listed": listed}
+        row["distinct_first_use_tokens_per_s"] = _run(server, [many])["tokens_per_s"]  # each loads on first use
+        row["one_prefix_tokens_per_s"] = _run(server, [one])["tokens_per_s"]
+        row["distinct_prefixes_tokens_per_s"] = _run(server, [many])["tokens_per_s"]  # resident now
+        row["distinct_prefixes"] = len({b["prefix"] for b in many})
+        server.stop()
+        out[count] = row
+    return out
+
+
 def main() -> None:
     from prefixtune import PrefixConfig, PrefixTunedModel, load_base
     from prefixtune.data import group_references, load_examples
@@ -69,6 +108,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request (default: 32)")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"))
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "serve.md"))
+    ap.add_argument(
+        "--scale", type=int, nargs="*", default=[1, 100, 1000, 10_000], help="prefix folders on disk to measure at"
+    )
+    ap.add_argument("--only-scale", action="store_true", help="only the prefixes-on-disk runs (prints their JSON)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -94,6 +137,10 @@ def main() -> None:
         for i, name in enumerate(names)
     }
 
+    if args.only_scale:
+        everything = [b for name in names for b in bodies[name]]
+        print(json.dumps(scale(model, tokenizer, prefix_dir / names[0], everything, args.scale)))
+        return
     settings = ServerSettings(max_batch_size=args.prefixes * args.requests, request_timeout=3600)
     app = create_app(model, tokenizer, prefix_dir, settings)
     app.state.registry.load_all()
@@ -106,6 +153,7 @@ def main() -> None:
         "sequential": _run(server, [[b] for b in everything]),
     }
     server.stop()
+    scaled = scale(model, tokenizer, prefix_dir / names[0], everything, args.scale) if args.scale else {}
 
     mixed = results["mixed"]["tokens_per_s"]
     summary = {
@@ -118,7 +166,13 @@ def main() -> None:
         **{f"{case}_{k}": round(v, 4) for case, r in results.items() for k, v in r.items()},
         "speedup_vs_sequential": round(mixed / results["sequential"]["tokens_per_s"], 3),
         "speedup_vs_per_prefix": round(mixed / results["per_prefix"]["tokens_per_s"], 3),
+        **{f"on_disk_{n}_{k}": round(v, 3) for n, row in scaled.items() for k, v in row.items()},
     }
+    if scaled:
+        largest = scaled[max(scaled)]
+        summary["distinct_vs_one_prefix"] = round(
+            largest["distinct_prefixes_tokens_per_s"] / largest["one_prefix_tokens_per_s"], 3
+        )
     rows = ["| case | requests/s | tokens/s | p50 latency (s) | p99 latency (s) |", "|---|---|---|---|---|"]
     labels = {
         "mixed": "a. mixed-prefix batching",
@@ -131,6 +185,25 @@ def main() -> None:
             f"{r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} |"
         )
     table = "\n".join(rows)
+    if scaled:
+        rows = [
+            "| prefix folders on disk | start-up (s) | RSS added (MB) | tokens/s, 1 prefix | tokens/s, "
+            f"{len(everything)} distinct | ratio | tokens/s, distinct on first use |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n, row in scaled.items():
+            one, many = row["one_prefix_tokens_per_s"], row["distinct_prefixes_tokens_per_s"]
+            rows.append(
+                f"| {n:,} | {row['startup_s']:.2f} | {row['rss_mb_added']:.0f} | {one:.1f} | {many:.1f} | "
+                f"{many / one:.2f} | {row['distinct_first_use_tokens_per_s']:.1f} |"
+            )
+        table += (
+            "\n\nPrefixes on disk (each loaded on first use; "
+            + str(len(everything))
+            + " requests, "
+            + "one prefix for all vs a distinct prefix each where there are enough):\n\n"
+            + "\n".join(rows)
+        )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -173,6 +173,11 @@ def read_prefix_tensors(path, document: dict) -> dict[str, torch.Tensor]:
 
 def load_prefix(model, path, name: str | None = None) -> Prefix:
     """Load a prefix folder into ``model`` under ``name`` (default: the folder name)."""
+    return model.put_prefix(name or Path(path).resolve().name, read_prefix_folder(model, path))
+
+
+def read_prefix_folder(model, path) -> Prefix:
+    """The prefix a folder holds, checked against ``model`` (base, geometry, tensors), without adding it."""
     path = Path(path)
     document = read_prefix_config(path)
     base = document["base_model"]
@@ -194,7 +199,7 @@ def load_prefix(model, path, name: str | None = None) -> Prefix:
     with torch.no_grad():
         for part_name, part in prefix.parts.items():
             part.flat.copy_(tensors[part_name])
-    return model.put_prefix(name or path.resolve().name, prefix)
+    return prefix
 
 
 def check_tensors(path, config: PrefixConfig, geometry, tensors: dict[str, torch.Tensor]) -> None:

@@ -28,7 +28,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 
 from ..errors import PrefixTuneError
-from ..files import CONFIG, WEIGHTS, current_umask, read_json
+from ..files import CONFIG, WEIGHTS, current_umask, read_json, read_prefix_folder
 from ..model import NAME_CHARS, check_prefix_name
 from .settings import ServerSettings
 
@@ -130,17 +130,28 @@ class PrefixRegistry:
         if isinstance(tokens, int) and tokens > limits.max_prefix_tokens:
             raise PrefixTooLarge(f"{name}: {tokens} virtual tokens is over the limit of {limits.max_prefix_tokens}")
         stamp = _stamp(path)
-        with self.lock, self._pin_lock:
+        prefix = read_prefix_folder(self.model, path)  # read and checked without holding up decoding
+        with self._pin_lock:  # adding a prefix needs no pause in decoding (the engine reads only names it was given)
+            if self._held_without(name) + size <= self.settings.max_prefix_memory:
+                self._put(name, prefix, path, stamp)
+                return
+        with self.lock, self._pin_lock:  # unloading others does: lock order is always engine, then pins
             self._make_room(name, size)
-            self.model.load_prefix(path, name=name)
-            if path.parent == self.directory:
-                self._used[name] = stamp
-                self._used.move_to_end(name)
+            self._put(name, prefix, path, stamp)
+
+    def _put(self, name: str, prefix, path: Path, stamp) -> None:
+        self.model.put_prefix(name, prefix)
+        if path.parent == self.directory:
+            self._used[name] = stamp
+            self._used.move_to_end(name)
+
+    def _held_without(self, name: str) -> int:
+        return self.model.resident_bytes() - (self.model.resident_bytes(name) if self.model.has_prefix(name) else 0)
 
     def _make_room(self, name: str, size: int) -> None:
         """Unload least recently used prefixes (not pinned, not ``name``) until ``size`` more bytes fit the budget."""
         budget = self.settings.max_prefix_memory
-        held = self.model.resident_bytes() - (self.model.resident_bytes(name) if self.model.has_prefix(name) else 0)
+        held = self._held_without(name)
         for old in list(self._used):
             if held + size <= budget:
                 break
