@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
-from serving_harness import LiveServer
+from serving_harness import LiveServer, add_common_flags, e2e_sources, model_with_prefixes
 
 
 def _p99(values: list[float]) -> float:
@@ -57,31 +56,19 @@ def _session(server: LiveServer, shorts: list[dict], long: dict | None, gap: flo
 
 
 def main() -> None:
-    from prefixtune import PrefixConfig, PrefixTunedModel, load_base
-    from prefixtune.data import group_references, load_examples
     from prefixtune.serving.app import ServerSettings, create_app
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--short", type=int, default=24, help="short requests per run (default: 24)")
     ap.add_argument("--gap", type=float, default=0.25, help="seconds between short requests (default: 0.25)")
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens each request generates (default: 16)")
     ap.add_argument("--long-tokens", type=int, default=1000, help="prompt tokens of the long request (default: 1000)")
     ap.add_argument("--prefill-budget", type=int, default=ServerSettings.prefill_budget, help="the server's setting")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"))
-    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "fairness.md"))
+    add_common_flags(ap, "fairness.md")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    base, tokenizer = load_base(args.model)
-    model = PrefixTunedModel(base, tokenizer)
-    names = [f"task{i}" for i in range(4)]
-    prefix_dir = Path(tempfile.mkdtemp(prefix="bench-fair-"))
-    for name in names:
-        model.add_prefix(name, PrefixConfig(num_virtual_tokens=10, init_std=0.5))
-        model.save_prefix(prefix_dir / name, name=name)
-        model.remove_prefix(name)
-    sources = [s for s, _ in group_references(load_examples("e2e", args.data, "test"))]
+    model, tokenizer, names, prefix_dir = model_with_prefixes(args.model, 4, 10, "fair")
+    sources = e2e_sources(args.data)
     new = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
     shorts = [{"prefix": names[i % 4], "inputs": sources[i], **new} for i in range(args.short)]
     text = " ".join(sources[args.short :])

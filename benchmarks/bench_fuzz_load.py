@@ -17,7 +17,6 @@ import argparse
 import base64
 import json
 import random
-import tempfile
 import threading
 import time
 import urllib.error
@@ -26,8 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
-import torch
-from serving_harness import LiveServer
+from serving_harness import LiveServer, add_common_flags, e2e_sources, model_with_prefixes
 
 
 def _raw(port: int, path: str, data: bytes, method: str = "POST") -> int:
@@ -84,32 +82,20 @@ def _bad(rng: random.Random, names: list[str]) -> tuple[str, bytes]:
 
 
 def main() -> None:
-    from prefixtune import PrefixConfig, PrefixTunedModel, load_base
-    from prefixtune.data import group_references, load_examples
     from prefixtune.serving.app import ServerSettings, create_app
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--seconds", type=float, default=120, help="length of the session (default: 120)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"))
-    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "fuzz_load.md"))
+    add_common_flags(ap, "fuzz_load.md")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    base, tokenizer = load_base(args.model)
-    model = PrefixTunedModel(base, tokenizer)
-    names = [f"task{i}" for i in range(8)]
-    prefix_dir = Path(tempfile.mkdtemp(prefix="bench-fuzz-"))
-    for name in names:
-        model.add_prefix(name, PrefixConfig(num_virtual_tokens=4, init_std=0.5))
-        model.save_prefix(prefix_dir / name, name=name)
-        model.remove_prefix(name)
+    model, tokenizer, names, prefix_dir = model_with_prefixes(args.model, 8, 4, "fuzz")
     upload = {
         "config": json.loads((prefix_dir / names[0] / "prefix_config.json").read_text()),
         "weights": base64.b64encode((prefix_dir / names[0] / "prefix.safetensors").read_bytes()).decode(),
     }
-    sources = [s for s, _ in group_references(load_examples("e2e", args.data, "test"))][:200]
+    sources = e2e_sources(args.data)[:200]
     app = create_app(model, tokenizer, prefix_dir, ServerSettings(max_input_tokens=512, max_new_tokens=64))
     server = LiveServer(app)
     server.post("/v1/generate", {"prefix": names[0], "inputs": sources[0], "max_new_tokens": 2})  # warm-up

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from serving_harness import LiveServer
+from serving_harness import LiveServer, add_common_flags, e2e_sources, model_with_prefixes
 
 
 def _run(server: LiveServer, waves: list[list[dict]]) -> dict:
@@ -97,33 +97,21 @@ def scale(model, tokenizer, source_dir: Path, bodies: list[dict], counts=(1, 100
 
 
 def main() -> None:
-    from prefixtune import PrefixConfig, PrefixTunedModel, load_base
-    from prefixtune.data import group_references, load_examples
     from prefixtune.serving.app import ServerSettings, create_app
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--prefixes", type=int, default=8, help="number of prefixes (default: 8)")
     ap.add_argument("--requests", type=int, default=8, help="requests per prefix (default: 8)")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request (default: 32)")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"))
-    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "serve.md"))
     ap.add_argument(
         "--scale", type=int, nargs="*", default=[1, 100, 1000, 10_000], help="prefix folders on disk to measure at"
     )
     ap.add_argument("--only-scale", action="store_true", help="only the prefixes-on-disk runs (prints their JSON)")
+    add_common_flags(ap, "serve.md")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    base, tokenizer = load_base(args.model)
-    model = PrefixTunedModel(base, tokenizer)
-    names = [f"task{i}" for i in range(args.prefixes)]
-    prefix_dir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    for name in names:
-        model.add_prefix(name, PrefixConfig(num_virtual_tokens=10, init_std=0.5))
-        model.save_prefix(prefix_dir / name, name=name)
-        model.remove_prefix(name)
-    sources = [s for s, _ in group_references(load_examples("e2e", args.data, "test"))]
+    model, tokenizer, names, prefix_dir = model_with_prefixes(args.model, args.prefixes, 10, "serve")
+    sources = e2e_sources(args.data)
     bodies = {
         name: [
             {

@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 
 class LiveServer:
@@ -42,3 +43,41 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join()
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+
+
+def add_common_flags(ap, output: str) -> None:
+    """--model, --data and --output (benchmarks/results/OUTPUT), as every serving benchmark takes them."""
+    ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", default=str(DATA), help="E2E data folder (default: ../shared/data/e2e)")
+    ap.add_argument("--output", default=str(Path(__file__).parent / "results" / output))
+
+
+def model_with_prefixes(model_name, count: int, tokens: int, tag: str):
+    """The base model (seed 0) and ``count`` random ``tokens``-token prefixes saved as folders task0… of a new
+    temporary directory (none resident): (model, tokenizer, names, directory)."""
+    import tempfile
+
+    import torch
+
+    from prefixtune import PrefixConfig, PrefixTunedModel, load_base
+
+    torch.manual_seed(0)
+    base, tokenizer = load_base(model_name)
+    model = PrefixTunedModel(base, tokenizer)
+    names = [f"task{i}" for i in range(count)]
+    directory = Path(tempfile.mkdtemp(prefix=f"bench-{tag}-"))
+    for name in names:
+        model.add_prefix(name, PrefixConfig(num_virtual_tokens=tokens, init_std=0.5))
+        model.save_prefix(directory / name, name=name)
+        model.remove_prefix(name)
+    return model, tokenizer, names, directory
+
+
+def e2e_sources(data) -> list[str]:
+    """The unique E2E test inputs (meaning representations)."""
+    from prefixtune.data import group_references, load_examples
+
+    return [source for source, _ in group_references(load_examples("e2e", data, "test"))]
