@@ -218,14 +218,12 @@ def cached_shapes(cache, layout: AttentionLayout | None = None) -> list[tuple[tu
 
 
 def new_cache(model) -> DynamicCache:
-    """An empty decoder-only cache whose attention layers keep their whole history (for reading a prompt's
-    keys and values)."""
+    """An empty decoder-only cache whose attention layers keep their whole history (to read a prompt's)."""
     return _decoder_cache(model, [DynamicLayer() for _ in model.layout.attention_indices])
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
+    if (missing := width - t.shape[dim]) == 0:
         return t
     shape = list(t.shape)
     shape[dim] = missing
@@ -360,13 +358,11 @@ class PrefixedState:
 
     @classmethod
     def begin(cls, model, prefix, rows: int) -> PrefixedState:
-        """Decoder-only: a batch of ``rows`` holding only their prefixes, for :meth:`feed` to continue."""
+        """Decoder-only: ``rows`` rows holding only their prefixes, for :meth:`feed` to continue."""
         return cls.causal(model, model.batch_prefix(prefix, rows)["decoder"])
 
     def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Decoder-only: process (B, T) more input tokens after what the state holds (a prompt, or the next
-        chunk of one: prefilling chunk by chunk computes what one pass does); returns the logits (B, V) of
-        the last position."""
+        """Decoder-only: (B, T) more prompt tokens (all, or the next chunk) → logits (B, V) of the last one."""
         return self.model.run_causal(input_ids, attention_mask, self, logits_to_keep=1).logits[:, -1]
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,16 @@
 
 Endpoints: ``POST /v1/generate``, ``POST /v1/completions`` (OpenAI-style, ``model`` = prefix name),
 ``GET/POST /v1/prefixes``, ``DELETE /v1/prefixes/{name}``, ``GET /health``, ``GET /metrics``.
-Errors are JSON ``{"error": {"message": ..., "field": ...}}`` with a 4xx status; a request never
-takes the server down.
+Errors are JSON ``{"error": {"message": ..., "field": ...}}`` with the statuses the OpenAPI schema
+documents (:mod:`prefixtune.serving.http`); a request's failure is its own and never takes the server down.
+Prefix folders load on first use (:mod:`prefixtune.serving.registry`); API keys and tenants are in
+:mod:`prefixtune.serving.tenants`, limits in :mod:`prefixtune.serving.settings`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -18,9 +19,8 @@ from typing import Annotated
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, create_model
-from starlette.routing import Match
 
 from .. import options
 from ..errors import PrefixTuneError
@@ -28,6 +28,7 @@ from ..model import NAME_CHARS
 from ..options import GenerationOptions
 from .engine import Engine
 from .engine import Request as EngineRequest
+from .http import ApiError, BodyLimit, InFlight, Unexpected, documented, error_response, route_label
 from .metrics import ServerMetrics
 from .registry import PrefixNotFound, PrefixRegistry, PrefixTooLarge
 from .settings import ServerSettings
@@ -37,13 +38,6 @@ from .text import TextStream, prompt_ids
 PREFIX_NAME = f"^{NAME_CHARS}$"
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-
-
-# Both bodies are made from GenerationOptions: its fields, defaults, bounds and help are the schema.
 GenerateBody = create_model(
     "GenerateBody",
     __config__=ConfigDict(extra="forbid"),
@@ -82,133 +76,6 @@ class PrefixBody(BaseModel):
     weights: str | None = Field(None, pattern=r"^[A-Za-z0-9+/]*={0,2}$", description="base64 of prefix.safetensors")
 
 
-class ErrorDetail(BaseModel):
-    message: str = Field(description="what went wrong and what to change")
-    field: str | None = Field(description="the request field at fault, if one is")
-
-
-class ErrorBody(BaseModel):
-    """Every error the server returns, whatever its status."""
-
-    error: ErrorDetail
-
-
-_STATUS = {
-    400: "a value the server's limits refuse (input too long, too many inputs, text that cannot be encoded)",
-    401: "missing or wrong API key (only when the server has keys)",
-    403: "this API key may use the prefix but not manage it",
-    404: "unknown prefix",
-    429: "this API key has its most requests in flight (--max-requests-per-key)",
-    413: "request body, or an uploaded or loaded prefix, over the server's limits (bytes, tokens, memory budget)",
-    422: "a field missing, of the wrong type or outside its bounds",
-    500: "the request failed while decoding, or an unexpected error (the server goes on)",
-    504: "the request took longer than the server's timeout",
-}
-
-
-def _documented(*statuses: int) -> dict:
-    """OpenAPI responses: the given error statuses and those every route may return, all as ``ErrorBody``."""
-    return {code: {"model": ErrorBody, "description": _STATUS[code]} for code in sorted({*statuses, 401, 422, 500})}
-
-
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "field": field}}, status_code=status)
-
-
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, declared or streamed.
-
-    The body is read (up to the limit) before the app sees it, then replayed.
-    """
-
-    def __init__(self, app, limit: int, upload_limit: int) -> None:
-        self.app, self.limit, self.upload_limit = app, limit, upload_limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        limit = self.upload_limit if scope["path"] == "/v1/prefixes" else self.limit
-        too_large = _error(413, f"request body over {limit} bytes", "body")
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await too_large(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                return await too_large(scope, receive, send)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # later reads wait for the client to disconnect
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-class Unexpected:
-    """ASGI middleware: an exception no handler took becomes a JSON 500 in the server's error shape, so the
-    client gets JSON and its keep-alive connection stays usable; the traceback goes to the log."""
-
-    def __init__(self, app, on_error) -> None:
-        self.app, self.on_error = app, on_error
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking)
-        except Exception as e:  # noqa: BLE001 - answered, never raised to the server
-            logging.getLogger("prefixtune.serve").exception("unexpected error on %s", scope.get("path"))
-            self.on_error(scope)
-            if started:  # a stream already under way: end it
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
-            await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send)
-
-
-class InFlight:
-    """Generation requests in flight per API key: one key's flood is answered 429 instead of queueing ahead
-    of everyone else. (The event loop is one thread, so plain counters suffice.)"""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.count = limit, {}
-
-    def enter(self, key: str) -> str:
-        if self.count.get(key, 0) >= self.limit:
-            raise ApiError(429, f"this API key has {self.limit} requests in flight; retry when one finishes")
-        self.count[key] = self.count.get(key, 0) + 1
-        return key
-
-    def leave(self, key: str) -> None:
-        self.count[key] -= 1
-        if not self.count[key]:
-            del self.count[key]
-
-
-def route_label(app, scope) -> str:
-    """The route template a request matches (``/v1/prefixes/{name}``), never its raw path: metric labels
-    stay a small fixed set whatever clients send."""
-    for route in app.router.routes:
-        if route.matches(scope)[0] == Match.FULL:
-            return route.path
-    return "unmatched"
-
-
 def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = None, engine: Engine | None = None):
     """Build the FastAPI app serving ``model``'s prefixes from ``prefix_dir``.
 
@@ -244,7 +111,9 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
             tenant = keys.find(given)
             if tenant is None:
-                response = _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authorization")
+                response = error_response(
+                    401, "missing or wrong API key (Authorization: Bearer <key>)", "authorization"
+                )
                 metrics.request(route_label(app, request.scope), 401, time.monotonic() - started)
                 return response
             request.state.tenant, request.state.key = tenant, given
@@ -254,7 +123,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return _error(exc.status, exc.message, exc.field)
+        return error_response(exc.status, exc.message, exc.field)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
@@ -262,14 +131,14 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         location = [str(x) for x in first.get("loc", ()) if x != "body"]
         field = location[0] if location else None  # the request field, not pydantic's union branch
         status = 400 if first.get("type") == "json_invalid" else 422
-        return _error(status, f"{field or 'body'}: {first.get('msg')}", field)
+        return error_response(status, f"{field or 'body'}: {first.get('msg')}", field)
 
     @app.exception_handler(PrefixTuneError)
     async def library_error(request, exc: PrefixTuneError):
         status = 404 if isinstance(exc, PrefixNotFound) else 413 if isinstance(exc, PrefixTooLarge) else 400
-        return _error(status, str(exc))
+        return error_response(status, str(exc))
 
-    @app.get("/health", responses=_documented())
+    @app.get("/health", responses=documented())
     async def health():
         return {
             "status": "ok",
@@ -281,13 +150,13 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     @app.get(
         "/metrics",
         response_class=PlainTextResponse,
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}, **_documented()},
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}, **documented()},
     )
     async def prometheus():
         metrics.absorb(engine.stats)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/prefixes", responses=_documented())
+    @app.get("/v1/prefixes", responses=documented())
     async def list_prefixes(request: Request):
         tenant = request.state.tenant
         return {"prefixes": [registry.describe(n) for n in registry.names() if tenant.may_use(n)]}
@@ -299,7 +168,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         if not tenant.may_manage(name):
             raise ApiError(403, f"this API key may use prefix {name!r} but not load, upload or delete it", "name")
 
-    @app.post("/v1/prefixes", status_code=201, responses=_documented(400, 403, 404, 413))
+    @app.post("/v1/prefixes", status_code=201, responses=documented(400, 403, 404, 413))
     async def add_prefix(request: Request, body: PrefixBody):
         _may_manage(request, body.name)
         if (body.config is None) != (body.weights is None):
@@ -308,7 +177,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             return await asyncio.to_thread(registry.upload, body.name, body.config, body.weights)
         return await asyncio.to_thread(registry.load, body.name)
 
-    @app.delete("/v1/prefixes/{name}", responses=_documented(400, 403, 404))  # requests already running finish
+    @app.delete("/v1/prefixes/{name}", responses=documented(400, 403, 404))  # requests already running finish
     async def delete_prefix(
         request: Request,
         name: Annotated[str, Path(pattern=PREFIX_NAME)],
@@ -381,7 +250,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             raise ApiError(400, f"at most {settings.max_new_tokens} new tokens", "max_new_tokens")
         return texts
 
-    @app.post("/v1/generate", responses=_documented(400, 404, 413, 429, 504))
+    @app.post("/v1/generate", responses=documented(400, 404, 413, 429, 504))
     async def generate(request: Request, body: GenerateBody):
         texts = _common_checks(body.inputs, "inputs", body.max_new_tokens)
         opts = _options(body.model_dump(exclude={"prefix", "inputs", "stream"}))
@@ -400,7 +269,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
             results = await _run(jobs)
         return {"prefix": body.prefix, "outputs": [text for text, _ in results]}
 
-    @app.post("/v1/completions", responses=_documented(400, 404, 413, 429, 504))
+    @app.post("/v1/completions", responses=documented(400, 404, 413, 429, 504))
     async def completions(request: Request, body: CompletionBody):
         texts = _common_checks(body.prompt, "prompt", body.max_tokens)
         given = body.model_dump(exclude={"model", "prompt", "stream", "max_tokens", "temperature"})
