@@ -55,7 +55,7 @@ _OPENAI_NAMES = {name: None for name in ("min_new_tokens", "num_beams", "do_samp
 _OPENAI_NAMES |= {"max_new_tokens": "max_tokens", "length_penalty": None, "early_stopping": None}
 CompletionBody = create_model(
     "CompletionBody",
-    __config__=ConfigDict(extra="ignore"),  # OpenAI clients send fields we do not use
+    __config__=ConfigDict(extra="allow"),  # other OpenAI fields: accepted at their defaults, else refused (400)
     model=(str, Field(pattern=PREFIX_NAME, description="name of the prefix")),
     prompt=(str | Annotated[list[str], Field(min_length=1)], Field(description="one prompt, or a list")),
     stream=(StrictBool, False),
@@ -65,6 +65,19 @@ CompletionBody = create_model(
     ),
     **options.pydantic_fields(_OPENAI_NAMES, {"max_new_tokens": 16}),
 )
+
+
+# OpenAI completion fields this server does not implement, at the values that ask for nothing ("user" is
+# metadata); any other value, or any other field, is refused with a 400 naming it, never ignored.
+_OPENAI_INERT = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None, "logit_bias": None}
+_OPENAI_INERT |= {"presence_penalty": 0, "frequency_penalty": 0, "stream_options": None}
+
+
+def _unimplemented(body) -> None:
+    extra = body.model_extra or {}
+    refused = sorted(k for k, v in extra.items() if k != "user" and (k not in _OPENAI_INERT or v != _OPENAI_INERT[k]))
+    if refused:
+        raise ApiError(400, f"not implemented by this server: {', '.join(refused)}", refused[0])
 
 
 class PrefixBody(BaseModel):
@@ -155,6 +168,21 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
     async def prometheus():
         metrics.absorb(engine.stats)
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", responses=documented())
+    async def list_models(request: Request):
+        """OpenAI's model list: each prefix this key may use is a model, the base model its root."""
+        names = [n for n in registry.names() if request.state.tenant.may_use(n)]
+        return {"object": "list", "data": [_model_card(n) for n in names]}
+
+    @app.get("/v1/models/{name}", responses=documented(404))
+    async def get_model(request: Request, name: Annotated[str, Path(pattern=PREFIX_NAME)]):
+        if not request.state.tenant.may_use(name) or name not in registry.names():
+            raise ApiError(404, f"unknown prefix {name!r}", "name")
+        return _model_card(name)
+
+    def _model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "prefixtune", "root": model.base_name}
 
     @app.get("/v1/prefixes", responses=documented())
     async def list_prefixes(request: Request):
@@ -271,8 +299,9 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
 
     @app.post("/v1/completions", responses=documented(400, 404, 413, 429, 504))
     async def completions(request: Request, body: CompletionBody):
+        _unimplemented(body)
         texts = _common_checks(body.prompt, "prompt", body.max_tokens)
-        given = body.model_dump(exclude={"model", "prompt", "stream", "max_tokens", "temperature"})
+        given = body.model_dump(exclude={"model", "prompt", "stream", "max_tokens", "temperature", *body.model_extra})
         sampled = {"do_sample": True, "temperature": body.temperature} if body.temperature > 0 else {}
         opts = _options({**given, **sampled, "max_new_tokens": body.max_tokens})
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
