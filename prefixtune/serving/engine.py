@@ -93,7 +93,7 @@ class Engine:
         lock: Held during every model call; take it to add or remove prefixes safely.
         prefill_budget: Most prompt tokens prefilled per step, between decoding steps of the running
             requests: joiners are admitted while their prompts fit, and a longer prompt is prefilled in
-            chunks of this size, so no prompt stalls the others for more than one chunk.
+            chunks (an eighth of the budget while others decode), so no prompt stalls the others.
     """
 
     def __init__(
