@@ -285,15 +285,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         async with _using(request, body.prefix, "prefix") as use:
             jobs = _requests(body.prefix, texts, "inputs", opts)
             if body.stream:
-                return _sse(
-                    _stream_events(
-                        jobs,
-                        lambda i, delta, reason: {"index": i, "text": delta, "finish_reason": reason},
-                        lambda i, status, message: {"index": i, "error": {"message": message, "status": status}},
-                    ),
-                    body.prefix,
-                    use,
-                )
+                return _sse(jobs, _generate_event, _generate_error, body.prefix, use)
             results = await _run(jobs)
         return {"prefix": body.prefix, "outputs": [text for text, _ in results]}
 
@@ -309,29 +301,17 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
         async with _using(request, body.model, "model") as use:
             jobs = _requests(body.model, texts, "prompt", opts)
             if body.stream:
-                return _sse(
-                    _stream_events(
-                        jobs,
-                        lambda i, delta, reason: {
-                            **head,
-                            "choices": [
-                                {"text": delta, "index": i, "logprobs": None, "finish_reason": _openai_reason(reason)}
-                            ],
-                        },
-                        _openai_error,
-                    ),
-                    body.model,
-                    use,
-                )
+
+                def chunk(i, delta, reason):
+                    return {**head, "choices": [_openai_choice(i, delta, reason)]}
+
+                return _sse(jobs, chunk, _openai_error, body.model, use)
             results = await _run(jobs)
         prompt_tokens = sum(len(r.input_ids) for r, _ in jobs)
         completion_tokens = sum(len(r.tokens) for r, _ in jobs)
         return {
             **head,
-            "choices": [
-                {"text": text, "index": i, "logprobs": None, "finish_reason": _openai_reason(reason)}
-                for i, (text, reason) in enumerate(results)
-            ],
+            "choices": [_openai_choice(i, text, reason) for i, (text, reason) in enumerate(results)],
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
@@ -393,7 +373,9 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
                 for request, _ in jobs:
                     request.cancelled = True
 
-    def _sse(events, prefix: str, use: dict) -> StreamingResponse:
+    def _sse(jobs, shape, fail, prefix: str, use: dict) -> StreamingResponse:
+        """The jobs' events as a server-sent event stream (see :func:`_stream_events`)."""
+        events = _stream_events(jobs, shape, fail)
         use["stream"] = True  # the stream releases the prefix and the key's slot when it ends
 
         async def body():
@@ -413,6 +395,18 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
 def _resolve(future: asyncio.Future, reason: str) -> None:
     if not future.done():
         future.set_result(reason)
+
+
+def _generate_event(index: int, text: str, reason: str | None) -> dict:
+    return {"index": index, "text": text, "finish_reason": reason}
+
+
+def _generate_error(index: int, status: int, message: str) -> dict:
+    return {"index": index, "error": {"message": message, "status": status}}
+
+
+def _openai_choice(index: int, text: str, reason: str | None) -> dict:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": _openai_reason(reason)}
 
 
 def _openai_error(index: int, status: int, message: str) -> dict:
