@@ -121,7 +121,8 @@ def self_check(model) -> None:
             "reproduce the prompt (the model computes attention in a way a prefix cannot enter)",
             model.dtype,
         )
-        equal = _row_error(model, ["check2", "check2"])
+        alone = {"check8": got, "check2": model(inputs, prefix="check2").logits.float()}
+        equal = _row_error(model, inputs, ["check2", "check2"], alone)
         if equal > _row_tolerance(model.dtype):
             raise PrefixTuneError(
                 f"unsupported model {name!r}: a batch over padded inputs differs from each row alone "
@@ -129,7 +130,7 @@ def self_check(model) -> None:
             )
         # Mixing prefix lengths must be as exact as not mixing them: a model that takes positions from the
         # cache's length shifts rows with shorter prefixes, which tiny random models show only faintly.
-        if _row_error(model, ["check8", "check2"], got) > max(20 * equal, _row_tolerance(model.dtype)):
+        if _row_error(model, inputs, ["check8", "check2"], alone) > max(20 * equal, _row_tolerance(model.dtype)):
             raise PrefixTuneError(
                 f"unsupported model {name!r}: a batch mixing prefix lengths differs from each row alone "
                 "(the model does not take positions per row)"
@@ -140,18 +141,16 @@ def self_check(model) -> None:
                 model.remove_prefix(part)
 
 
-def _row_error(model, names: list[str], first: torch.Tensor | None = None) -> float:
-    """How far a batch of two rows with prefixes ``names`` over padded inputs is from each row alone,
-    relative to the logits' scale."""
-    inputs = torch.arange(11, 15, device=model.device)[None] % model.base.get_input_embeddings().num_embeddings
+def _row_error(model, inputs: torch.Tensor, names: list[str], alone: dict[str, torch.Tensor]) -> float:
+    """How far a batch of two rows with prefixes ``names`` over padded ``inputs`` (1, 4) is from each row's
+    ``alone`` logits, relative to the logits' scale."""
     ids = torch.cat([inputs, torch.zeros_like(inputs[:, :2])], dim=1).repeat(2, 1)  # (2, 6), right-padded
     ids[1] = torch.roll(ids[1], 2)
     mask = (torch.arange(6, device=model.device) < 4).long().repeat(2, 1)
     mask[1] = torch.roll(mask[1], 2)
     mixed = model(ids, mask, prefix=names).logits.float()
-    first = model(inputs, prefix=names[0]).logits.float() if first is None else first
-    alone = model(inputs, prefix=names[1]).logits.float()
-    error = max((mixed[1, 2:] - alone[0]).abs().max(), (mixed[0, :4] - first[0]).abs().max())
     if not torch.isfinite(mixed).all():
         return float("inf")
-    return float(error / alone.abs().max().clamp(min=1e-3))
+    first, second = alone[names[0]], alone[names[1]]
+    error = max((mixed[1, 2:] - second[0]).abs().max(), (mixed[0, :4] - first[0]).abs().max())
+    return float(error / second.abs().max().clamp(min=1e-3))

@@ -177,7 +177,7 @@ def create_app(model, tokenizer, prefix_dir, settings: ServerSettings | None = N
 
     @app.get("/v1/models/{name}", responses=documented(404))
     async def get_model(request: Request, name: Annotated[str, Path(pattern=PREFIX_NAME)]):
-        if not request.state.tenant.may_use(name) or name not in registry.names():
+        if not request.state.tenant.may_use(name) or not registry.known(name):
             raise ApiError(404, f"unknown prefix {name!r}", "name")
         return _model_card(name)
 

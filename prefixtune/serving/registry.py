@@ -20,7 +20,6 @@ import binascii
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -29,10 +28,8 @@ from pathlib import Path
 
 from ..errors import PrefixTuneError
 from ..files import CONFIG, WEIGHTS, current_umask, read_json, read_prefix_folder
-from ..model import NAME_CHARS, check_prefix_name
+from ..model import check_prefix_name
 from .settings import ServerSettings
-
-_NAME = re.compile(NAME_CHARS)
 
 
 class PrefixNotFound(PrefixTuneError):
@@ -149,15 +146,14 @@ class PrefixRegistry:
         return self.model.resident_bytes() - (self.model.resident_bytes(name) if self.model.has_prefix(name) else 0)
 
     def _make_room(self, name: str, size: int) -> None:
-        """Unload least recently used prefixes (not pinned, not ``name``) until ``size`` more bytes fit the budget."""
+        """Unload least recently used prefixes (not pinned, not ``name``) until ``size`` more bytes fit the budget.
+        Called with the engine's lock and the pin lock held."""
         budget = self.settings.max_prefix_memory
         held = self._held_without(name)
         for old in list(self._used):
             if held + size <= budget:
                 break
-            with self._pin_lock:
-                pinned = self._pins[old] > 0
-            if old == name or pinned or not self.model.has_prefix(old):
+            if old == name or self._pins[old] > 0 or not self.model.has_prefix(old):
                 continue
             held -= self.model.resident_bytes(old)
             self.model.remove_prefix(old)
@@ -241,10 +237,23 @@ class PrefixRegistry:
         except (PrefixTuneError, KeyError, TypeError, AttributeError, ValueError):
             return {"name": name, "resident": False, "error": "unreadable prefix_config.json"}
 
+    def known(self, name: str) -> bool:
+        """Whether a request may name ``name``: resident, or a prefix folder of the directory."""
+        return self.model.has_prefix(name) or (_is_name(name) and (self.directory / name / CONFIG).is_file())
+
     def names(self) -> list[str]:
         """Every prefix a request may name: those resident and every folder of the directory."""
-        folders = {e.name for e in os.scandir(self.directory) if e.is_dir() and _NAME.fullmatch(e.name)}
-        return sorted(set(self.model.prefix_names()) | {n for n in folders if ".." not in n})
+        folders = {e.name for e in os.scandir(self.directory) if e.is_dir() and _is_name(e.name)}
+        return sorted(set(self.model.prefix_names()) | folders)
+
+
+def _is_name(name: str) -> bool:
+    """Whether a folder's name is a prefix name (:func:`prefixtune.model.check_prefix_name`)."""
+    try:
+        check_prefix_name(name)
+    except PrefixTuneError:
+        return False
+    return True
 
 
 def _stamp(path: Path) -> tuple | None:
