@@ -2,9 +2,10 @@
 
 Starts the real HTTP server (uvicorn, in this process, loopback) on the default model with 8 prefixes.
 ``--clients`` threads send requests for ``--seconds``: valid generations (random options within their
-bounds, some streamed, some OpenAI-style), bad requests of many kinds (malformed JSON, wrong types,
-values out of bounds, lone surrogates, inputs over the limit, unknown prefixes, invalid names, bad
-uploads, oversized bodies) and prefix management (upload, list, delete with purge). Prints one JSON
+bounds, some streamed, some through OpenAI's completions — n, logprobs, echo — and chat completions),
+bad requests of many kinds (malformed JSON, wrong types, values out of bounds, lone surrogates, inputs
+over the limit, unknown prefixes, invalid names, refused OpenAI fields, bad uploads, oversized bodies)
+and prefix management (upload, list, delete with purge). Prints one JSON
 line — requests sent, 5xx count, valid p50/p99 latency, RSS before and after — and writes
 benchmarks/results/fuzz_load.md. The server must answer no request with a 5xx.
 
@@ -50,9 +51,16 @@ def _valid(rng: random.Random, names: list[str], sources: list[str]) -> tuple[st
         options |= {"num_beams": rng.randint(2, 3), "length_penalty": rng.uniform(-1, 2)}
     elif kind == "penalties":
         options |= {"repetition_penalty": rng.uniform(1, 2), "no_repeat_ngram_size": 2, "stop": ["."]}
-    if rng.random() < 0.3:
-        body = {"model": rng.choice(names), "prompt": rng.choice(sources), "max_tokens": options.pop("max_new_tokens")}
-        body |= {"temperature": options.get("temperature", 0.0), "stream": rng.random() < 0.5}
+    if rng.random() < 0.4:  # OpenAI's routes, with n, logprobs and echo
+        body = {"model": rng.choice(names), "max_tokens": options.pop("max_new_tokens"), "n": rng.randint(1, 2)}
+        body |= {"temperature": options.get("temperature", 0.0), "stream": rng.random() < 0.5, "seed": 7}
+        if rng.random() < 0.5:
+            content = rng.choice(sources)
+            body |= {"messages": [{"role": "user", "content": content}], "logprobs": rng.random() < 0.5}
+            body |= {"top_logprobs": rng.randint(0, 5)} if body["logprobs"] else {}
+            return "/v1/chat/completions", body
+        body |= {"prompt": rng.choice(sources), "logprobs": rng.choice([None, 0, 3]), "echo": rng.random() < 0.3}
+        body["max_tokens"] = 0 if body["echo"] and rng.random() < 0.5 else body["max_tokens"]
         return "/v1/completions", body
     inputs = [rng.choice(sources) for _ in range(rng.randint(1, 3))]
     return "/v1/generate", {"prefix": rng.choice(names), "inputs": inputs, "stream": rng.random() < 0.3, **options}
@@ -76,9 +84,14 @@ def _bad(rng: random.Random, names: list[str]) -> tuple[str, bytes]:
         json.dumps({"prefix": prefix, "inputs": "x", "num_beams": 2, "do_sample": True}).encode(),
         json.dumps({"model": prefix, "prompt": "x", "max_tokens": -1}).encode(),
         b"x" * 2_000_000,
+        json.dumps({"model": prefix, "messages": [], "max_tokens": 2}).encode(),
+        json.dumps({"model": prefix, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}).encode(),
+        json.dumps({"model": prefix, "messages": [{"role": "robot", "content": "x"}]}).encode(),
+        json.dumps({"model": prefix, "prompt": "", "max_tokens": 0, "echo": True, "logprobs": 1}).encode(),
     ]
     index = rng.randrange(len(bodies))
-    return ("/v1/completions" if index == 13 else "/v1/generate"), bodies[index]
+    path = "/v1/chat/completions" if index in (15, 16, 17) else "/v1/completions" if index in (13, 18) else None
+    return path or "/v1/generate", bodies[index]
 
 
 def main() -> None:
@@ -166,7 +179,7 @@ def main() -> None:
     out.write_text(
         f"# bench_fuzz_load\n\n{args.clients} clients for {args.seconds:.0f} s against the real server (loopback, "
         f"model {model.base_name}): valid generations (random options, some streamed, some OpenAI-style), bad "
-        "requests of 15 kinds, prefix uploads/deletes/lists during the load.\n\n"
+        "requests of 19 kinds, prefix uploads/deletes/lists during the load.\n\n"
         "| requests | valid | bad | manage | 5xx | valid p50 (s) | valid p99 (s) | RSS before → after (MB) |\n"
         "|---|---|---|---|---|---|---|---|\n"
         f"| {summary['requests']} | {kinds['valid']} | {kinds['bad']} | {kinds['manage']} | {len(fivexx)} | "

@@ -74,6 +74,10 @@ class Formatter:
             )
         return source[:room]
 
+    def fit(self, prompt: list[int], origin: str = "") -> list[int]:
+        """A prompt made elsewhere (a chat template), checked (or cut) to fit after the prefix."""
+        return self._fit(prompt, 0 if self.is_encoder_decoder else self.prefix_len, origin)
+
     def source_ids(self, source: str, origin: str = "", target_room: int = 0) -> list[int]:
         """The prompt for generation: ``source <sep>`` (decoder-only) or ``source <eos>`` (encoder)."""
         if self.is_encoder_decoder:

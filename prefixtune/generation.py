@@ -10,6 +10,8 @@ This module knows nothing about text: it works on token ids only. Shapes: B rows
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -25,7 +27,7 @@ from .errors import PrefixTuneError
 from .options import GenerationOptions
 from .state import PrefixedState, decoder_start
 
-__all__ = ["GenerationOptions", "TokenChooser", "eos_and_pad", "generate"]
+__all__ = ["GenerationOptions", "TokenChooser", "TokenLogprob", "eos_and_pad", "generate", "sequence_logprobs"]
 
 
 def _processors(opts: GenerationOptions, prompt_len: int, eos: list[int], sampling: bool) -> LogitsProcessorList:
@@ -77,6 +79,59 @@ def _numbers(logits: torch.Tensor) -> torch.Tensor:
     if torch.isnan(logits).any():
         raise PrefixTuneError("the model's scores are not numbers (NaN): is the prefix finite?")
     return logits
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model, and the most likely tokens at its position.
+
+    ``logprob`` is None for a prompt's first token (nothing before it is a token to predict it from).
+    """
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]]  # (token, log-probability), most likely first
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Log-probabilities of ``tokens`` (N,) under ``logits`` (N, V), each with the ``top`` most likely tokens.
+
+    They are the model's own distribution, before temperature, top-k/top-p and penalties (what the model
+    says, as vLLM reports by default), so they do not depend on how the token was chosen. The one
+    computation of token log-probabilities: the server's tokens as they are chosen and
+    :func:`sequence_logprobs` both use it.
+    """
+    logp = torch.log_softmax(_numbers(logits).float(), dim=-1)
+    chosen = logp.gather(1, tokens[:, None].to(logp.device))[:, 0].tolist()
+    if top > 0:
+        values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens.tolist(), chosen, tops)]
+
+
+def sequence_logprobs(model, context: list[int], tokens: list[int], prefix: str, top: int = 0) -> list[TokenLogprob]:
+    """Each of ``tokens`` scored after the prefix, ``context`` and the tokens before it, in one forward pass.
+
+    Decoder-only: ``context`` then ``tokens`` form one sequence (``context`` must not be empty). Encoder-decoder:
+    ``context`` is the encoder's input and ``tokens`` follow the decoder's start token.
+    """
+    if not tokens:
+        return []
+    device = model.device
+    with torch.no_grad():
+        if model.geometry.is_encoder_decoder:
+            source = torch.tensor([context], device=device)
+            decoder = torch.tensor([[decoder_start(model.base), *tokens[:-1]]], device=device)
+            out = model(source, torch.ones_like(source), prefix=[prefix], decoder_input_ids=decoder)
+            logits = out.logits[0]
+        else:
+            if not context:
+                raise PrefixTuneError("sequence_logprobs: a decoder-only model needs at least one context token")
+            ids = torch.tensor([context + tokens[:-1]], device=device)
+            logits = model(ids, torch.ones_like(ids), prefix=[prefix]).logits[0, len(context) - 1 :]
+    return logprobs_of(logits, torch.tensor(tokens), top)
 
 
 def eos_and_pad(opts: GenerationOptions, config) -> tuple[list[int], int]:

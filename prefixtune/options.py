@@ -172,13 +172,7 @@ def pydantic_fields(renamed: dict | None = None, defaults: dict | None = None) -
     renamed, defaults = renamed or {}, defaults or {}
     from typing import Annotated
 
-    from pydantic import BeforeValidator, Field, StrictBool, StrictFloat
-
-    def whole(value):
-        """JSON's integers, 6.0 included (as JSON Schema counts it), but not text or booleans."""
-        if isinstance(value, (str, bool)):
-            raise ValueError("Input should be a valid integer")
-        return value
+    from pydantic import Field, StrictBool, StrictFloat
 
     out = {}
     for f in fields(GenerationOptions):
@@ -197,11 +191,27 @@ def pydantic_fields(renamed: dict | None = None, defaults: dict | None = None) -
             kind = StrictBool
         elif f.type == "float":
             kind = Annotated[StrictFloat, Field(allow_inf_nan=False, **bounds(f.name))]
-        else:  # bounds on the number itself, so that they hold (and show in the schema) when it may be null
-            kind = Annotated[int, Field(**bounds(f.name)), BeforeValidator(whole)]
-            kind = kind | None if f.type == "int | None" else kind
+        else:
+            kind = integer(nullable=f.type == "int | None", **bounds(f.name))
         out[name] = (kind, Field(default, description=f.metadata["help"]))
     return out
+
+
+def integer(nullable: bool = False, **limits):
+    """A pydantic integer type within ``limits`` (ge, le, ...): JSON's integers, 6.0 included (as JSON Schema
+    counts it), but not text or booleans. The bounds are on the number itself, so that they hold (and show in
+    the schema) when it may be null."""
+    from typing import Annotated
+
+    from pydantic import BeforeValidator, Field
+
+    def whole(value):
+        if isinstance(value, (str, bool)):
+            raise ValueError("Input should be a valid integer")
+        return value
+
+    kind = Annotated[int, Field(**limits), BeforeValidator(whole)]
+    return kind | None if nullable else kind
 
 
 def cut_at_stop(text: str, stop: list[str] | None) -> str:

@@ -14,7 +14,8 @@ def add_parsers(sub) -> None:
         help="serve many prefixes over one frozen model (HTTP, batched across prefixes)",
         description="Load the base model once, then serve the prefix folders of --prefixes (each loaded on first "
         "use, the least recently used unloaded past --max-prefix-memory): /v1/generate, "
-        "/v1/completions (OpenAI-style, model = prefix name), /v1/prefixes, /health and /metrics. Requests with "
+        "OpenAI's /v1/completions, /v1/chat/completions and /v1/models (model = prefix name), /v1/prefixes, /health "
+        "and /metrics. Requests with "
         "different prefixes are decoded together, one forward pass per step.",
     )
     p.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")

@@ -49,6 +49,11 @@ class Request:
         should_stop: Polled after each token; True ends the request with reason ``stop``.
         error: Why the request failed, as (HTTP status, message), when its reason is ``error``. A
             failure ends its own request only: the other rows of the batch go on as if alone.
+        logprobs: Record each new token's log-probability (in ``token_logprobs``, before ``on_token``
+            is called) with this many most likely alternatives; None records nothing.
+        prompt_logprobs: Score the prompt's tokens first (``prompt_scores``; decoder-only), with this
+            many alternatives each; None does not.
+        score_only: Only score the prompt, generate nothing (ends with reason ``length``).
     """
 
     prefix: str
@@ -65,6 +70,11 @@ class Request:
     error: tuple[int, str] | None = None
     chooser: generation.TokenChooser | None = None
     seq: torch.Tensor | None = None  # (1, t): what the token processors read (prompt, then new tokens)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    score_only: bool = False
+    token_logprobs: list[generation.TokenLogprob] = field(default_factory=list)
+    prompt_scores: list[generation.TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -207,6 +217,12 @@ class Engine:
         if room <= 0:
             return self.prefill_budget
         new = self._take_waiting(room)  # held in _admitting: reported as failed if a prefill raises
+        for r in new:
+            if r.prompt_logprobs is not None:
+                _isolated([r], self._score_prompt)
+            if r.score_only and r.error is None:
+                _done(r, "length")
+        new = [r for r in new if r.error is None and not r.score_only]
         long = [r for r in new if self._chunkable(r) and len(r.input_ids) > self.prefill_budget]
         for r in long:
             _isolated([r], self._begin_chunks)
@@ -238,6 +254,13 @@ class Engine:
         self._running.extend(joining)
         self._pending = tokens if self._pending is None else torch.cat([self._pending, tokens])
         self._retire()
+
+    def _score_prompt(self, requests: list[Request]) -> None:
+        """The prompt's own log-probabilities (OpenAI's ``echo`` with ``logprobs``)."""
+        (request,) = requests
+        ids = request.input_ids
+        scores = generation.sequence_logprobs(self.model, ids[:1], ids[1:], request.prefix, request.prompt_logprobs)
+        request.prompt_scores = [generation.TokenLogprob(ids[0], None, []), *scores]
 
     # ------------------------------------------------------------------ long prompts, chunk by chunk
     def _chunkable(self, request: Request) -> bool:
@@ -306,6 +329,8 @@ class Engine:
                 chosen.append(self.pad_token_id)
                 continue
             request.seq = torch.cat([request.seq, request.seq.new_tensor([[token]])], dim=1)
+            if request.logprobs is not None:
+                request.token_logprobs += generation.logprobs_of(row[None], torch.tensor([token]), request.logprobs)
             request.tokens.append(token)
             self.stats.generated_tokens += 1
             _emit(request, request.on_token, token)
@@ -346,12 +371,19 @@ class Engine:
         )
         skip = 1 if self.model.geometry.is_encoder_decoder else ids.shape[1]
         for request, row in zip(group, out[:, skip:].tolist()):
+            tokens = []
             for token in row[: request.options.max_new_tokens]:
+                tokens.append(token)
+                if token in self.eos or (request.should_stop is not None and request.should_stop(tokens)):
+                    break
+            if request.logprobs is not None:  # beam search: scored along the answer it chose
+                request.token_logprobs = generation.sequence_logprobs(
+                    self.model, request.input_ids, tokens, request.prefix, request.logprobs
+                )
+            for token in tokens:
                 request.tokens.append(token)
                 self.stats.generated_tokens += 1
                 _emit(request, request.on_token, token)
-                if token in self.eos or (request.should_stop is not None and request.should_stop(request.tokens)):
-                    break
             _done(request, _finish_reason(request, self.eos) or "eos")
 
     def _prompts(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,14 +10,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.routing import Match
 
+from ..model import NAME_CHARS
+
+PREFIX_NAME = f"^{NAME_CHARS}$"  # the schema's pattern for prefix names
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.field = status, message, field
-
-
-# Both bodies are made from GenerationOptions: its fields, defaults, bounds and help are the schema.
 
 
 class ErrorDetail(BaseModel):

@@ -177,3 +177,66 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding():
     assert long.tokens == _alone(model, "b", long_ids, eos=(), max_new_tokens=5)
     for r, (prefix, ids) in zip(short, [("a", [5, 6, 7]), ("c", [8, 9])]):
         assert r.tokens == _alone(model, prefix, ids, eos=(), max_new_tokens=12)
+
+
+def _teacher_forced(model, prefix, ids, tokens):
+    """Each of ``tokens``' log-probability after ``ids`` and the tokens before it: one forward pass, log-softmax."""
+    if model.geometry.is_encoder_decoder:
+        start = model.base.config.decoder_start_token_id
+        logits = model(
+            torch.tensor([ids]), prefix=prefix, decoder_input_ids=torch.tensor([[start, *tokens[:-1]]])
+        ).logits[0]
+    else:
+        logits = model(torch.tensor([ids + tokens[:-1]]), prefix=prefix).logits[0, len(ids) - 1 :]
+    return torch.log_softmax(logits.float(), -1)[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "bart"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_token_logprobs_are_the_models_distribution_whatever_the_decoding(family, beams):
+    """Continuous (greedy, sampled) and static (beam) requests record each token's log-probability and the
+    most likely alternatives; they equal a teacher-forced pass over the answer, and decoding is unchanged."""
+    model = _model(family)
+    engine = Engine(model, eos_token_ids=[2], pad_token_id=0, max_batch_size=8)
+    kinds = [dict(num_beams=beams), dict(do_sample=True, temperature=3.0, seed=4, num_beams=1)]
+    requests = []
+    for kind in kinds[: 2 if beams == 1 else 1]:
+        for prefix, ids in PROMPTS[:3]:
+            requests.append(_Request(prefix, ids, GenerationOptions(max_new_tokens=5, **kind), logprobs=3))
+    with torch.inference_mode():
+        for r in requests:
+            engine.submit(r)
+        while engine.busy:
+            engine.step()
+    for r in requests:
+        if not r.options.do_sample:
+            assert r.tokens == _strip(_alone(model, r.prefix, r.input_ids, max_new_tokens=5, num_beams=beams))
+        assert [s.token for s in r.token_logprobs] == r.tokens
+        expected = _teacher_forced(model, r.prefix, r.input_ids, r.tokens)
+        assert [s.logprob for s in r.token_logprobs] == pytest.approx(expected, abs=1e-4)
+        for s in r.token_logprobs:
+            assert len(s.top) == 3 and s.top[0][1] >= s.top[1][1] >= s.top[2][1] and s.top[0][1] >= s.logprob - 1e-6
+        if beams == 1 and not r.options.do_sample:  # greedy: the chosen token is the most likely one
+            assert all(s.top[0][0] == s.token for s in r.token_logprobs)
+
+
+def test_prompt_scores_and_score_only_requests():
+    """OpenAI's echo with logprobs: the prompt's own tokens are scored (the first has nothing to predict it);
+    a score-only request generates nothing and leaves the others' answers unchanged."""
+    model = _model()
+    engine = Engine(model, eos_token_ids=[2], pad_token_id=0, max_batch_size=8)
+    ids = [5, 6, 7, 8, 9]
+    scored = _Request("b", ids, GenerationOptions(max_new_tokens=4), prompt_logprobs=2, score_only=True)
+    other = _Request("a", [9, 10], GenerationOptions(max_new_tokens=4))
+    reasons = []
+    scored.on_done = lambda reason, tokens: reasons.append((reason, tokens))
+    with torch.inference_mode():
+        engine.submit(scored)
+        engine.submit(other)
+        while engine.busy:
+            engine.step()
+    assert reasons == [("length", [])]
+    assert scored.prompt_scores[0].logprob is None and [s.token for s in scored.prompt_scores] == ids
+    expected = _teacher_forced(model, "b", ids[:1], ids[1:])
+    assert [s.logprob for s in scored.prompt_scores[1:]] == pytest.approx(expected, abs=1e-4)
+    assert other.tokens == _strip(_alone(model, "a", [9, 10], max_new_tokens=4))

@@ -23,6 +23,7 @@ expected-statuses = ["2xx", "400", "404", "409", "413"]
 
 def test_every_route_survives_schema_fuzzing_with_all_checks(served):
     model, tok, directory = served
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     app = create_app(model, tok, directory, ServerSettings(max_new_tokens=8, max_input_tokens=64))
     app.state.registry.load_all()
     app.state.engine.start()
@@ -53,5 +54,6 @@ def test_every_route_survives_schema_fuzzing_with_all_checks(served):
     finally:
         app.state.engine.stop(drain=False, timeout=5)
     assert not failures, "\n\n".join(failures[:5])
-    routes = {"POST /v1/generate", "POST /v1/completions", "POST /v1/prefixes", "DELETE /v1/prefixes/{name}"}
+    routes = {"POST /v1/generate", "POST /v1/completions", "POST /v1/chat/completions", "POST /v1/prefixes"}
+    routes |= {"DELETE /v1/prefixes/{name}"}
     assert routes <= set(calls) and all(calls[r] >= EXAMPLES // 2 for r in routes), calls
