@@ -40,6 +40,12 @@ def _raw(port: int, path: str, data: bytes, method: str = "POST") -> int:
     except urllib.error.HTTPError as e:
         e.read()
         return e.code
+    except urllib.error.URLError as e:
+        # An oversized body is answered 413 and the connection closed before all of it is sent; the client
+        # sees its pipe break. Anything else is the server's failure (counted with the 5xx).
+        if isinstance(e.reason, ConnectionError) and data is not None and len(data) > 1_000_000:
+            return 413
+        return 599
 
 
 def _valid(rng: random.Random, names: list[str], sources: list[str]) -> tuple[str, dict]:

@@ -138,15 +138,16 @@ def read_json(file: Path) -> dict:
         raise PrefixTuneError(f"{file}: corrupted or truncated JSON ({e})") from None
 
 
-def read_prefix_config(path) -> dict:
-    """Read and check ``prefix_config.json`` of a prefix folder."""
+def read_prefix_config(path, document=None) -> dict:
+    """Read and check ``prefix_config.json`` of a prefix folder (``document``: its contents, if already read)."""
     path = Path(path)
     file = path / CONFIG
     if not path.is_dir():
         raise PrefixTuneError(f"{path}: not a prefix folder (expected a directory with {CONFIG} and {WEIGHTS})")
-    if not file.is_file():
-        raise PrefixTuneError(f"{file}: missing; not a prefix folder")
-    document = read_json(file)
+    if document is None:
+        if not file.is_file():
+            raise PrefixTuneError(f"{file}: missing; not a prefix folder")
+        document = read_json(file)
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise PrefixTuneError(f"{file}: not a prefixtune prefix config (format field is not {FORMAT!r})")
     for field in ("base_model", "geometry", "parts", "prefix_config", "num_virtual_tokens"):
@@ -176,10 +177,11 @@ def load_prefix(model, path, name: str | None = None) -> Prefix:
     return model.put_prefix(name or Path(path).resolve().name, read_prefix_folder(model, path))
 
 
-def read_prefix_folder(model, path) -> Prefix:
-    """The prefix a folder holds, checked against ``model`` (base, geometry, tensors), without adding it."""
+def read_prefix_folder(model, path, document: dict | None = None) -> Prefix:
+    """The prefix a folder holds, checked against ``model`` (base, geometry, tensors), without adding it.
+    ``document``: its prefix_config.json, if already read (it is checked here all the same)."""
     path = Path(path)
-    document = read_prefix_config(path)
+    document = read_prefix_config(path, document)
     base = document["base_model"]
     ours = base_fingerprint(model)
     if base.get("fingerprint") != ours:

@@ -95,7 +95,7 @@ class PrefixRegistry:
                 return
         if stamp is None:
             raise PrefixNotFound(f"unknown prefix {name!r}")
-        self._load_checked(path, name)
+        self._load_checked(path, name, stamp)
 
     def acquire(self, name: str) -> None:
         """A request will use ``name``: make it resident and keep it so until :meth:`release`."""
@@ -113,9 +113,9 @@ class PrefixRegistry:
             if self._pins[name] <= 0:
                 del self._pins[name]
 
-    def _load_checked(self, path: Path, name: str) -> None:
+    def _load_checked(self, path: Path, name: str, stamp: tuple | None = None) -> None:
         """Load folder ``path`` as ``name`` within the limits: length and file size before reading the
-        tensors, the memory budget before keeping them."""
+        tensors, the memory budget before keeping them. ``stamp``: the folder's, if just taken."""
         limits = self.settings
         size = (path / WEIGHTS).stat().st_size if (path / WEIGHTS).is_file() else 0
         if size > limits.max_prefix_bytes:
@@ -126,8 +126,8 @@ class PrefixRegistry:
         tokens = (document.get("prefix_config") or {}).get("num_virtual_tokens") if isinstance(document, dict) else None
         if isinstance(tokens, int) and tokens > limits.max_prefix_tokens:
             raise PrefixTooLarge(f"{name}: {tokens} virtual tokens is over the limit of {limits.max_prefix_tokens}")
-        stamp = _stamp(path)
-        prefix = read_prefix_folder(self.model, path)  # read and checked without holding up decoding
+        stamp = stamp or _stamp(path)
+        prefix = read_prefix_folder(self.model, path, document)  # read and checked without holding up decoding
         with self._pin_lock:  # adding a prefix needs no pause in decoding (the engine reads only names it was given)
             if self._held_without(name) + size <= self.settings.max_prefix_memory:
                 self._put(name, prefix, path, stamp)
