@@ -1,0 +1,306 @@
+"""Decoding speed against this machine's limits, side by side with what users would pick instead (issue 17).
+
+One run, default model, fp32, this CPU. The same prefix everywhere: the keys and values of an init text
+(``--init-text``), which is exactly what CTranslate2 computes for that text as its ``static_prompt``, so
+the three systems do the same work and greedy outputs must agree:
+- prefixtune ``generate``;
+- Hugging Face ``generate`` with the prefix handed over as a pre-filled cache;
+- CTranslate2 (a maintained fast CPU inference engine), the default model converted once (fp32), the
+  init text as ``static_prompt``, tried with 1 and 2 threads and ``--ct2-compute-types``; its best is
+  compared.
+
+Measured: batch-1 greedy ms/token (``--batch1-inputs`` E2E test inputs one at a time, exactly
+``--new-tokens`` new tokens each) against the memory-bandwidth floor (bytes of weights read per token ÷
+copy bandwidth measured in this run); 64-row greedy tokens/s against the FLOP floor (matmul rate
+measured in this run ÷ 2 × parameters FLOPs per token); beam-5 decoding of ``--beam-inputs`` E2E test
+inputs in batches of 10. Prints one JSON line last and writes benchmarks/results/decode.md.
+
+    python benchmarks/bench_decode.py [--new-tokens 32] [--batch1-inputs 4] [--beam-inputs 50]
+
+Needs ``ctranslate2`` (in the bench extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "e2e"
+
+
+# ---------------------------------------------------------------------- this machine's limits
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of a large fp32 copy (read + write counted, as STREAM's copy), best of ``repeats``."""
+    a = torch.ones(megabytes * 2**20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = min(_timed(lambda: b.copy_(a)) for _ in range(repeats))
+    return 2 * a.numel() * 4 / best
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOP/s of an n×n matmul on every core, best of ``repeats``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes(base) -> int:
+    """Bytes of the weights one decoding step reads: every parameter once (a tied embedding is read whole
+    as the output layer; the input embedding reads one row)."""
+    return sum(p.numel() * p.element_size() for p in base.parameters())
+
+
+# ---------------------------------------------------------------------- systems
+def _until(tokens: list[int], stop: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return tokens[:i]
+    return tokens
+
+
+class Systems:
+    """prefixtune, Hugging Face generate with the prefix as cache, and CTranslate2, on the same prompts."""
+
+    def __init__(self, args) -> None:
+        from prefixtune import PrefixConfig, PrefixTunedModel, load_base
+        from prefixtune.base import convert_default_model
+        from prefixtune.data import load_examples
+        from prefixtune.features import Formatter, context_length
+
+        torch.set_num_threads(args.threads)
+        base, tok = load_base(args.model)
+        self.tok, self.base = tok, base.eval()
+        config = PrefixConfig(init_text=args.init_text, reparameterize=False)
+        self.model = PrefixTunedModel.wrap(base, config, tok, name="p").eval()
+        self.static = tok.convert_ids_to_tokens(tok(args.init_text, add_special_tokens=False)["input_ids"])
+        sources = list(dict.fromkeys(e.source for e in load_examples("e2e", args.data, "test")))
+        fmt = Formatter(tok, False, context_length(base.config), len(self.static))
+        self.prompts = [fmt.source_ids(s) for s in sources]
+        self.eos, self.pad = fmt.eos, tok.pad_token_id if tok.pad_token_id is not None else fmt.eos
+        self.ct2_path = _ct2_model(args, convert_default_model() if args.model is None else Path(args.model))
+
+    def ours(self, ids, mask, **opts) -> torch.Tensor:
+        return self.model.generate(ids, mask, prefix="p", eos_token_id=self.eos, pad_token_id=self.pad, **opts)
+
+    def hf(self, ids, mask, num_beams=1, **opts) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        flat = self.model.get_prefix("p").flat_state()["decoder"]  # (P, L, 2, kv_heads, D)
+        rows = len(ids) * num_beams  # generate expands the inputs, not a given cache
+        cache = DynamicCache(config=self.base.config)
+        for layer in range(flat.shape[1]):
+            keys, values = (flat[:, layer, i].transpose(0, 1)[None].expand(rows, -1, -1, -1) for i in (0, 1))
+            cache.update(keys.contiguous(), values.contiguous(), layer)
+        full_mask = torch.cat([mask.new_ones(len(ids), flat.shape[0]), mask], dim=1)
+        with torch.no_grad():
+            return self.base.generate(
+                input_ids=ids,
+                attention_mask=full_mask,
+                past_key_values=cache,
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=self.eos,
+                pad_token_id=self.pad,
+                **opts,
+            )
+
+    def ct2(self, generator, prompts: list[list[int]], new_tokens: int, forced: bool, beam: int = 1):
+        tokens = [self.tok.convert_ids_to_tokens(p) for p in prompts]
+        results = generator.generate_batch(
+            tokens,
+            max_length=new_tokens,
+            min_length=new_tokens if forced else 0,
+            beam_size=beam,
+            sampling_topk=1,
+            static_prompt=self.static,
+            include_prompt_in_result=False,
+            end_token=self.tok.convert_ids_to_tokens(self.eos),
+        )
+        return [_until(r.sequences_ids[0], {self.eos}) for r in results]
+
+
+def _ct2_model(args, source: Path) -> Path:
+    """The model converted for CTranslate2 once (fp32 weights), cached next to the converted default model."""
+    import ctranslate2
+
+    target = Path(args.ct2_cache) / f"{source.name}-ct2-float32"
+    if not (target / "model.bin").is_file():
+        print(f"converting {source} for CTranslate2 → {target}", flush=True)
+        ctranslate2.converters.TransformersConverter(str(source)).convert(
+            str(target), quantization="float32", force=True
+        )
+    return target
+
+
+# ---------------------------------------------------------------------- runs
+def _left_pad(prompts, pad):
+    from prefixtune.features import left_pad
+
+    return left_pad(prompts, pad)
+
+
+def _new(out: torch.Tensor, ids: torch.Tensor, stop: set[int]) -> list[list[int]]:
+    return [_until(row.tolist(), stop) for row in out[:, ids.shape[1] :]]
+
+
+def run_ours_and_hf(s: Systems, batches, **opts) -> dict:
+    """Both Torch systems over the same batches: outputs and seconds."""
+    out = {}
+    for name, fn in (("prefixtune", s.ours), ("hf_generate", s.hf)):
+        fn(*batches[0], **{**opts, "max_new_tokens": 2, "min_new_tokens": 0})  # warm-up
+        tokens, start = [], time.perf_counter()
+        for ids, mask in batches:
+            tokens += _new(fn(ids, mask, **opts), ids, {s.eos, s.pad})
+        out[name] = (tokens, time.perf_counter() - start)
+    return out
+
+
+def run_ct2(s: Systems, args, prompts_batches, new_tokens, forced, beam=1) -> dict:
+    """CTranslate2 at each thread count and compute type: outputs and seconds of each; the fastest is its result."""
+    import ctranslate2
+
+    tried = {}
+    for compute in args.ct2_compute_types.split(","):
+        for threads in sorted({1, args.threads}):
+            gen = ctranslate2.Generator(str(s.ct2_path), device="cpu", compute_type=compute, intra_threads=threads)
+            s.ct2(gen, prompts_batches[0], 2, False, beam)  # warm-up (and the static prompt's cache)
+            tokens, start = [], time.perf_counter()
+            for batch in prompts_batches:
+                tokens += s.ct2(gen, batch, new_tokens, forced, beam)
+            tried[f"{compute}/{threads}t"] = (tokens, time.perf_counter() - start)
+            del gen
+    return tried
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", default=str(DATA), help="E2E release folder")
+    ap.add_argument("--init-text", default="table-to-text: describe the restaurant", help="the prefix's text")
+    ap.add_argument("--new-tokens", type=int, default=32, help="new tokens per input, greedy runs (default: 32)")
+    ap.add_argument("--batch1-inputs", type=int, default=4, help="inputs decoded one at a time (default: 4)")
+    ap.add_argument("--rows", type=int, default=64, help="rows of the batched greedy run (default: 64)")
+    ap.add_argument("--beam-inputs", type=int, default=50, help="E2E test inputs decoded with beam 5 (default: 50)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (default: all)")
+    ap.add_argument("--ct2-compute-types", default="float32", help="CTranslate2 compute types to try (comma list)")
+    ap.add_argument("--ct2-cache", default=str(Path.home() / ".cache" / "prefixtune"), help="converted model cache")
+    ap.add_argument("--output", default=str(HERE / "results" / "decode.md"))
+    args = ap.parse_args()
+
+    s = Systems(args)
+    bandwidth, flops = copy_bandwidth(), matmul_rate()
+    params = sum(p.numel() for p in s.base.parameters())
+    floor_ms = weight_bytes(s.base) / bandwidth * 1000
+    floor_tps = flops / (2 * params)
+    n = args.new_tokens
+    forced = {"max_new_tokens": n, "min_new_tokens": n}
+    summary = {"benchmark": "decode", "model": s.model.base_name, "threads": args.threads, "new_tokens": n}
+    summary |= {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "matmul_gflop_s": round(flops / 1e9, 1)}
+    summary |= {"parameters": params, "bandwidth_floor_ms_per_token": round(floor_ms, 2)}
+    summary |= {"flop_floor_tokens_per_s": round(floor_tps, 1)}
+
+    with torch.inference_mode():
+        # batch 1
+        ones = [_left_pad([p], s.pad) for p in s.prompts[: args.batch1_inputs]]
+        torch_runs = run_ours_and_hf(s, ones, **forced)
+        ct2_runs = run_ct2(s, args, [[p] for p in s.prompts[: args.batch1_inputs]], n, True)
+        tokens = args.batch1_inputs * n
+        b1 = {k: v[1] / tokens * 1000 for k, v in {**torch_runs, **ct2_runs}.items()}
+        best_ct2 = min(ct2_runs, key=lambda k: ct2_runs[k][1])
+        summary |= {"batch1_ms_per_token": round(b1["prefixtune"], 2)}
+        summary |= {"hf_generate_batch1_ms_per_token": round(b1["hf_generate"], 2)}
+        summary |= {"ctranslate2_batch1_ms_per_token": round(b1[best_ct2], 2), "ctranslate2_batch1_setting": best_ct2}
+        summary |= {"batch1_vs_bandwidth_floor": round(b1["prefixtune"] / floor_ms, 2)}
+        summary["ctranslate2_batch1_all"] = {k: round(b1[k], 2) for k in ct2_runs}
+        summary["batch1_greedy_equal"] = _agree(
+            torch_runs["prefixtune"][0], torch_runs["hf_generate"][0], ct2_runs[best_ct2][0]
+        )
+        print(json.dumps({k: v for k, v in summary.items() if "batch1" in k}), flush=True)
+
+        # batch of 64 rows
+        rows = (s.prompts * (args.rows // len(s.prompts) + 1))[: args.rows]
+        torch_runs = run_ours_and_hf(s, [_left_pad(rows, s.pad)], **forced)
+        ct2_runs = run_ct2(s, args, [rows], n, True)
+        tps = {k: args.rows * n / v[1] for k, v in {**torch_runs, **ct2_runs}.items()}
+        best_ct2 = max(ct2_runs, key=lambda k: tps[k])
+        summary |= {"batch64_tokens_per_s": round(tps["prefixtune"], 1)}
+        summary |= {"hf_generate_batch64_tokens_per_s": round(tps["hf_generate"], 1)}
+        summary |= {
+            "ctranslate2_batch64_tokens_per_s": round(tps[best_ct2], 1),
+            "ctranslate2_batch64_setting": best_ct2,
+        }
+        summary |= {"batch64_vs_flop_floor": round(tps["prefixtune"] / floor_tps, 3)}
+        summary["ctranslate2_batch64_all"] = {k: round(tps[k], 1) for k in ct2_runs}
+        summary["batch64_greedy_equal"] = _agree(
+            torch_runs["prefixtune"][0], torch_runs["hf_generate"][0], ct2_runs[best_ct2][0]
+        )
+        print(json.dumps({k: v for k, v in summary.items() if "batch64" in k}), flush=True)
+
+        # beam 5 on E2E test inputs, batches of 10 sorted by length
+        beam_prompts = sorted(s.prompts[: args.beam_inputs], key=len)
+        groups = [beam_prompts[i : i + 10] for i in range(0, len(beam_prompts), 10)]
+        torch_runs = run_ours_and_hf(s, [_left_pad(g, s.pad) for g in groups], num_beams=5, max_new_tokens=60)
+        ct2_runs = run_ct2(s, args, groups, 60, False, beam=5)
+        best_ct2 = min(ct2_runs, key=lambda k: ct2_runs[k][1])
+        seconds = {"prefixtune": torch_runs["prefixtune"][1], "hf_generate": torch_runs["hf_generate"][1]}
+        seconds["ctranslate2"] = ct2_runs[best_ct2][1]
+        summary |= {f"beam5_{k}_inputs_per_s": round(len(beam_prompts) / v, 3) for k, v in seconds.items()}
+        summary["beam5_equal"] = _agree(
+            torch_runs["prefixtune"][0], torch_runs["hf_generate"][0], ct2_runs[best_ct2][0]
+        )
+    _write(args, summary)
+    print(json.dumps(summary))
+
+
+def _agree(ours, hf, ct2) -> dict:
+    """Fraction of outputs identical to prefixtune's, per other system."""
+    return {
+        "hf_generate": round(sum(a == b for a, b in zip(ours, hf)) / len(ours), 3),
+        "ctranslate2": round(sum(a == b for a, b in zip(ours, ct2)) / len(ours), 3),
+    }
+
+
+def _write(args, s: dict) -> None:
+    rows = [
+        "| measure | prefixtune | HF generate + prefix cache | CTranslate2 | floor | prefixtune ÷ floor |",
+        "|---|---|---|---|---|---|",
+        f"| batch-1 greedy, ms/token (lower is better) | {s['batch1_ms_per_token']} | "
+        f"{s['hf_generate_batch1_ms_per_token']} | {s['ctranslate2_batch1_ms_per_token']} "
+        f"({s['ctranslate2_batch1_setting']}) | {s['bandwidth_floor_ms_per_token']} (bandwidth) | "
+        f"{s['batch1_vs_bandwidth_floor']}× |",
+        f"| {args.rows}-row greedy, tokens/s | {s['batch64_tokens_per_s']} | {s['hf_generate_batch64_tokens_per_s']} | "
+        f"{s['ctranslate2_batch64_tokens_per_s']} ({s['ctranslate2_batch64_setting']}) | "
+        f"{s['flop_floor_tokens_per_s']} (FLOPs) | {s['batch64_vs_flop_floor']} |",
+        f"| beam-5 E2E test, inputs/s | {s['beam5_prefixtune_inputs_per_s']} | {s['beam5_hf_generate_inputs_per_s']} | "
+        f"{s['beam5_ctranslate2_inputs_per_s']} | – | – |",
+    ]
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        f"# bench_decode\n\n{s['model']}, fp32, {s['threads']} threads; prefix = the keys and values of "
+        f"{args.init_text!r} (CTranslate2: the same text as static_prompt). Greedy runs generate exactly "
+        f"{s['new_tokens']} tokens per input. Measured in the same run: copy bandwidth "
+        f"{s['copy_bandwidth_gb_s']} GB/s, matmul {s['matmul_gflop_s']} GFLOP/s, {s['parameters']:,} parameters.\n\n"
+        + "\n".join(rows)
+        + f"\n\nOutputs identical to prefixtune's (fraction): batch 1 {s['batch1_greedy_equal']}, "
+        f"{args.rows} rows {s['batch64_greedy_equal']}, beam 5 {s['beam5_equal']}.\n"
+        f"CTranslate2 settings tried: batch 1 {s['ctranslate2_batch1_all']}; "
+        f"{args.rows} rows {s['ctranslate2_batch64_all']}.\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
