@@ -9,8 +9,9 @@ the three systems do the same work and greedy outputs must agree:
   init text as ``static_prompt``, tried with 1 and 2 threads and ``--ct2-compute-types``; its best is
   compared.
 
-Measured: batch-1 greedy ms/token (``--batch1-inputs`` E2E test inputs one at a time, exactly
-``--new-tokens`` new tokens each) against the memory-bandwidth floor (bytes of weights read per token ÷
+Measured, for the decoding steps (the time of ``--new-tokens`` tokens minus that of one, so prompt
+processing is in neither the rate nor the floor): batch-1 greedy ms/token (``--batch1-inputs`` E2E test
+inputs one at a time) against the memory-bandwidth floor (bytes of weights read per token ÷
 copy bandwidth measured in this run); 64-row greedy tokens/s against the FLOP floor (matmul rate
 measured in this run ÷ 2 × parameters FLOPs per token); beam-5 decoding of ``--beam-inputs`` E2E test
 inputs in batches of 10. Prints one JSON line last and writes benchmarks/results/decode.md.
@@ -185,6 +186,19 @@ def run_ct2(s: Systems, args, prompts_batches, new_tokens, forced, beam=1) -> di
     return tried
 
 
+def decode_steps(s: Systems, args, batches, prompt_batches, n: int):
+    """Each system's runs of exactly ``n`` new tokens, and its seconds per decoding step (all batches
+    together): the time of ``n`` tokens minus the time of 1 (prompt and first token), over n - 1 steps, so
+    that prompt processing counts in neither the rate nor the floor."""
+    torch_runs = run_ours_and_hf(s, batches, max_new_tokens=n, min_new_tokens=n)
+    torch_first = run_ours_and_hf(s, batches, max_new_tokens=1, min_new_tokens=1)
+    ct2_runs = run_ct2(s, args, prompt_batches, n, True)
+    ct2_first = run_ct2(s, args, prompt_batches, 1, True)
+    step = {k: (v[1] - torch_first[k][1]) / (n - 1) for k, v in torch_runs.items()}
+    step |= {k: (v[1] - ct2_first[k][1]) / (n - 1) for k, v in ct2_runs.items()}
+    return torch_runs, ct2_runs, step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
@@ -206,7 +220,6 @@ def main() -> None:
     floor_ms = weight_bytes(s.base) / bandwidth * 1000
     floor_tps = flops / (2 * params)
     n = args.new_tokens
-    forced = {"max_new_tokens": n, "min_new_tokens": n}
     summary = {"benchmark": "decode", "model": s.model.base_name, "threads": args.threads, "new_tokens": n}
     summary |= {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "matmul_gflop_s": round(flops / 1e9, 1)}
     summary |= {"parameters": params, "bandwidth_floor_ms_per_token": round(floor_ms, 2)}
@@ -215,11 +228,9 @@ def main() -> None:
     with torch.inference_mode():
         # batch 1
         ones = [_left_pad([p], s.pad) for p in s.prompts[: args.batch1_inputs]]
-        torch_runs = run_ours_and_hf(s, ones, **forced)
-        ct2_runs = run_ct2(s, args, [[p] for p in s.prompts[: args.batch1_inputs]], n, True)
-        tokens = args.batch1_inputs * n
-        b1 = {k: v[1] / tokens * 1000 for k, v in {**torch_runs, **ct2_runs}.items()}
-        best_ct2 = min(ct2_runs, key=lambda k: ct2_runs[k][1])
+        torch_runs, ct2_runs, step = decode_steps(s, args, ones, [[p] for p in s.prompts[: args.batch1_inputs]], n)
+        b1 = {k: v * 1000 / args.batch1_inputs for k, v in step.items()}  # ms per token of one row
+        best_ct2 = min(ct2_runs, key=lambda k: b1[k])
         summary |= {"batch1_ms_per_token": round(b1["prefixtune"], 2)}
         summary |= {"hf_generate_batch1_ms_per_token": round(b1["hf_generate"], 2)}
         summary |= {"ctranslate2_batch1_ms_per_token": round(b1[best_ct2], 2), "ctranslate2_batch1_setting": best_ct2}
@@ -232,9 +243,8 @@ def main() -> None:
 
         # batch of 64 rows
         rows = (s.prompts * (args.rows // len(s.prompts) + 1))[: args.rows]
-        torch_runs = run_ours_and_hf(s, [_left_pad(rows, s.pad)], **forced)
-        ct2_runs = run_ct2(s, args, [rows], n, True)
-        tps = {k: args.rows * n / v[1] for k, v in {**torch_runs, **ct2_runs}.items()}
+        torch_runs, ct2_runs, step = decode_steps(s, args, [_left_pad(rows, s.pad)], [rows], n)
+        tps = {k: args.rows / v for k, v in step.items()}
         best_ct2 = max(ct2_runs, key=lambda k: tps[k])
         summary |= {"batch64_tokens_per_s": round(tps["prefixtune"], 1)}
         summary |= {"hf_generate_batch64_tokens_per_s": round(tps["hf_generate"], 1)}
@@ -295,6 +305,8 @@ def _write(args, s: dict) -> None:
         f"{s['new_tokens']} tokens per input. Measured in the same run: copy bandwidth "
         f"{s['copy_bandwidth_gb_s']} GB/s, matmul {s['matmul_gflop_s']} GFLOP/s, {s['parameters']:,} parameters.\n\n"
         + "\n".join(rows)
+        + "\n\nGreedy rates are per decoding step: the time of all the tokens minus the time of the first "
+        "(prompt and first token), so prompt processing counts in neither the rate nor the floor."
         + f"\n\nOutputs identical to prefixtune's (fraction): batch 1 {s['batch1_greedy_equal']}, "
         f"{args.rows} rows {s['batch64_greedy_equal']}, beam 5 {s['beam5_equal']}.\n"
         f"CTranslate2 settings tried: batch 1 {s['ctranslate2_batch1_all']}; "

@@ -84,7 +84,7 @@ def run_prefixtune_compiled(args) -> dict:
     return run_prefixtune(args, group_by_length=True, compile_layers=True)
 
 
-def run_peft(args) -> dict:
+def run_peft(args, group_by_length: bool = False) -> dict:
     from peft import PrefixTuningConfig, get_peft_model
 
     base, tokenizer, features = _features(args)
@@ -93,7 +93,12 @@ def run_peft(args) -> dict:
         task_type="CAUSAL_LM", num_virtual_tokens=args.prefix_len, prefix_projection=True, encoder_hidden_size=512
     )
     model = get_peft_model(base, config)
-    return _trainer(args, model, tokenizer, features)
+    return _trainer(args, model, tokenizer, features, group_by_length)
+
+
+def run_peft_grouped(args) -> dict:
+    """PEFT with the Trainer's own ``group_by_length``: the fair peer of ``prefixtune_grouped``."""
+    return run_peft(args, group_by_length=True)
 
 
 def run_full(args) -> dict:
@@ -101,8 +106,9 @@ def run_full(args) -> dict:
     return _trainer(args, base, tokenizer, features)
 
 
-def _trainer(args, model, tokenizer, features) -> dict:
-    """The usual Hugging Face Trainer recipe; step times from a callback."""
+def _trainer(args, model, tokenizer, features, group_by_length: bool = False) -> dict:
+    """The usual Hugging Face Trainer recipe; step times from a callback, and the batches it trained on
+    (the order of the examples is the Trainer's own: shuffled, or grouped by length)."""
     import tempfile
 
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -122,10 +128,13 @@ def _trainer(args, model, tokenizer, features) -> dict:
 
     rows = [{"input_ids": f.input_ids, "labels": f.labels} for f in features]
 
+    seen = []
+
     def collator(batch):
         from prefixtune.features import Features
 
-        return collate([Features(r["input_ids"], r["labels"]) for r in batch], tokenizer.pad_token_id)
+        seen.append(collate([Features(r["input_ids"], r["labels"]) for r in batch], tokenizer.pad_token_id))
+        return seen[-1]
 
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
@@ -139,13 +148,14 @@ def _trainer(args, model, tokenizer, features) -> dict:
             dataloader_num_workers=0,
             remove_unused_columns=False,
             disable_tqdm=True,
+            # The same batches as prefixtune's (in order), or the Trainer's own length grouping.
+            train_sampling_strategy="group_by_length" if group_by_length else "sequential",
         )
         trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[Clock()])
         start = time.perf_counter()
         trainer.train()
     marks.insert(0, start)
-    batches = _batches(features, args.batch_size, tokenizer.pad_token_id)
-    return _summary(args, marks, batches, losses[-1] if losses else float("nan"))
+    return _summary(args, marks, seen[: args.steps + args.warmup], losses[-1] if losses else float("nan"))
 
 
 def _timed(args, batches, loss_fn, opt) -> dict:
@@ -179,6 +189,7 @@ SYSTEMS = {
     "prefixtune_grouped": run_prefixtune_grouped,
     "prefixtune_compiled": run_prefixtune_compiled,
     "peft": run_peft,
+    "peft_grouped": run_peft_grouped,
     "full": run_full,
 }
 
@@ -192,7 +203,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--prefix-len", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--systems", default="prefixtune,prefixtune_grouped,prefixtune_compiled,peft,full")
+    ap.add_argument("--systems", default="prefixtune,prefixtune_grouped,prefixtune_compiled,peft,peft_grouped,full")
     ap.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child process: run one system
     ap.add_argument("--output", default=str(HERE / "results" / "train.md"))
     args = ap.parse_args()
@@ -233,8 +244,13 @@ def main() -> None:
                 tokens = results[f"prefixtune_{variant}"]["tokens_per_s"]
                 summary[f"speedup_vs_peft_{variant}"] = round(tokens / peft["tokens_per_s"], 3)
         summary["peak_rss_ratio_vs_peft"] = round(ours["peak_rss_mb"] / peft["peak_rss_mb"], 3)
+    if "prefixtune_grouped" in results and "peft_grouped" in results:  # both given length grouping
+        grouped = results["prefixtune_grouped"]["tokens_per_s"] / results["peft_grouped"]["tokens_per_s"]
+        summary["speedup_vs_peft_grouped_both"] = round(grouped, 3)
     if ours:
         summary["fraction_of_flop_limit"] = round(ours["tokens_per_s"] / limit, 3)
+    if "prefixtune_grouped" in results:
+        summary["fraction_of_flop_limit_grouped"] = round(results["prefixtune_grouped"]["tokens_per_s"] / limit, 3)
     _write_table(args, results, summary)
     print(json.dumps(summary))
 

@@ -40,13 +40,21 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that support it, else fp32 (CPUs without bf16 matmul units run it slower)."""
+    """``auto``: bf16 on GPUs that support it; on a CPU, bf16 where this CPU multiplies it clearly faster than
+    fp32 (AVX-512 BF16, AMX; measured once per machine, see :mod:`prefixtune.hardware`), else fp32."""
     if name not in DTYPE_NAMES:
         raise PrefixTuneError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
     if name != "auto":
         return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        from .hardware import cpu_dtype, describe_choice
+
+        dtype, rates = cpu_dtype()
+        if os.environ.get("RANK", "0") == "0":
+            print(describe_choice(dtype, rates), file=sys.stderr)
+        return dtype
     return "fp32"
 
 

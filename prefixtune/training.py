@@ -65,7 +65,8 @@ class TrainConfig:
         max_grad_norm: Gradient clipping norm (0 disables).
         seed: Seed of initialization and data order.
         dtype: ``auto``, ``fp32``, ``bf16`` or ``fp16`` for the frozen model (auto: bf16 on GPUs
-            that support it, else fp32). The prefix itself is always kept in fp32.
+            that support it and on CPUs that multiply bf16 clearly faster, else fp32). The prefix itself
+            is always kept in fp32.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         fsdp: Shard the frozen base across processes with FSDP2 (under torchrun).
         checkpoint_every: Write a checkpoint every this many steps (and at each epoch end).

@@ -137,7 +137,9 @@ def test_fsdp_without_several_processes_is_refused(model_dir, tmp_path, capsys):
 def test_device_and_dtype_choices():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == "fp32"
+    from prefixtune.hardware import cpu_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) == cpu_dtype()[0]
     assert resolve_dtype("fp16", torch.device("cpu")) == "fp16"
     with pytest.raises(PrefixTuneError, match="--device must be one of"):
         resolve_device("tpu")
@@ -174,3 +176,29 @@ def test_ddp_registers_only_the_prefix(tmp_path):
         assert all(f"base.{n}" in ddp.parameters_to_ignore for n, _ in model.base.named_parameters())
     finally:
         dist.destroy_process_group()
+
+
+def test_auto_dtype_on_cpu_is_measured_once_and_follows_the_faster_multiplier(tmp_path, monkeypatch, capsys):
+    """``--dtype auto`` on a CPU: bf16 only when this CPU multiplies it at least 1.5× as fast as fp32 (AVX-512
+    BF16, AMX), else fp32 (AVX2 only); measured once per machine, remembered, and said."""
+    from prefixtune import hardware
+
+    calls = []
+
+    def rates(bf16_speed):
+        def rate(dtype, **kw):
+            calls.append(dtype)
+            return 100e9 * (bf16_speed if dtype == torch.bfloat16 else 1.0)
+
+        return rate
+
+    for speed, expected in ((5.0, "bf16"), (1.2, "fp32"), (0.01, "fp32")):
+        folder = tmp_path / str(speed)
+        monkeypatch.setattr(hardware, "matmul_rate", rates(speed))
+        assert hardware.cpu_dtype(folder)[0] == expected
+        measured = len(calls)
+        assert hardware.cpu_dtype(folder)[0] == expected and len(calls) == measured  # read back, not measured
+    assert json.loads((tmp_path / "5.0" / hardware.CACHE_FILE).read_text())[hardware.cpu_key()]["dtype"] == "bf16"
+    monkeypatch.setattr(hardware, "cpu_dtype", lambda: ("bf16", {"fp32": 100.0, "bf16": 500.0}))
+    assert resolve_dtype("auto", torch.device("cpu")) == "bf16"
+    assert "--dtype auto: bf16 on this CPU" in capsys.readouterr().err
