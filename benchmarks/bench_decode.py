@@ -1,6 +1,7 @@
 """Decoding speed against this machine's limits, side by side with what users would pick instead (issue 17).
 
-One run, default model, fp32, this CPU. The same prefix everywhere: the keys and values of an init text
+One run, default model, fp32 (``--dtype bf16``: the model in bf16, floors from bf16 weights and matmul),
+this CPU. The same prefix everywhere: the keys and values of an init text
 (``--init-text``), which is exactly what CTranslate2 computes for that text as its ``static_prompt``, so
 the three systems do the same work and greedy outputs must agree:
 - prefixtune ``generate``;
@@ -44,9 +45,9 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * a.numel() * 4 / best
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 FLOP/s of an n×n matmul on every core, best of ``repeats``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n×n matmul in ``dtype`` on every core, best of ``repeats``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best
@@ -82,7 +83,7 @@ class Systems:
         from prefixtune.features import Formatter, context_length
 
         torch.set_num_threads(args.threads)
-        base, tok = load_base(args.model)
+        base, tok = load_base(args.model, dtype=args.dtype)
         self.tok, self.base = tok, base.eval()
         config = PrefixConfig(init_text=args.init_text, reparameterize=False)
         self.model = PrefixTunedModel.wrap(base, config, tok, name="p").eval()
@@ -104,7 +105,7 @@ class Systems:
         cache = DynamicCache(config=self.base.config)
         for layer in range(flat.shape[1]):
             keys, values = (flat[:, layer, i].transpose(0, 1)[None].expand(rows, -1, -1, -1) for i in (0, 1))
-            cache.update(keys.contiguous(), values.contiguous(), layer)
+            cache.update(keys.contiguous().to(self.base.dtype), values.contiguous().to(self.base.dtype), layer)
         full_mask = torch.cat([mask.new_ones(len(ids), flat.shape[0]), mask], dim=1)
         with torch.no_grad():
             return self.base.generate(
@@ -208,6 +209,7 @@ def main() -> None:
     ap.add_argument("--batch1-inputs", type=int, default=4, help="inputs decoded one at a time (default: 4)")
     ap.add_argument("--rows", type=int, default=64, help="rows of the batched greedy run (default: 64)")
     ap.add_argument("--beam-inputs", type=int, default=50, help="E2E test inputs decoded with beam 5 (default: 50)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the model (default: fp32)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (default: all)")
     ap.add_argument("--ct2-compute-types", default="float32", help="CTranslate2 compute types to try (comma list)")
     ap.add_argument("--ct2-cache", default=str(Path.home() / ".cache" / "prefixtune"), help="converted model cache")
@@ -215,12 +217,13 @@ def main() -> None:
     args = ap.parse_args()
 
     s = Systems(args)
-    bandwidth, flops = copy_bandwidth(), matmul_rate()
+    bandwidth, flops = copy_bandwidth(), matmul_rate(dtype=s.base.dtype)
     params = sum(p.numel() for p in s.base.parameters())
     floor_ms = weight_bytes(s.base) / bandwidth * 1000
     floor_tps = flops / (2 * params)
     n = args.new_tokens
-    summary = {"benchmark": "decode", "model": s.model.base_name, "threads": args.threads, "new_tokens": n}
+    summary = {"benchmark": "decode", "model": s.model.base_name, "dtype": args.dtype, "threads": args.threads}
+    summary["new_tokens"] = n
     summary |= {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "matmul_gflop_s": round(flops / 1e9, 1)}
     summary |= {"parameters": params, "bandwidth_floor_ms_per_token": round(floor_ms, 2)}
     summary |= {"flop_floor_tokens_per_s": round(floor_tps, 1)}
@@ -299,8 +302,10 @@ def _write(args, s: dict) -> None:
     ]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(s, indent=1) + "\n")
     out.write_text(
-        f"# bench_decode\n\n{s['model']}, fp32, {s['threads']} threads; prefix = the keys and values of "
+        f"# bench_decode\n\n{s['model']}, {s['dtype']} (CTranslate2: {args.ct2_compute_types}), "
+        f"{s['threads']} threads; prefix = the keys and values of "
         f"{args.init_text!r} (CTranslate2: the same text as static_prompt). Greedy runs generate exactly "
         f"{s['new_tokens']} tokens per input. Measured in the same run: copy bandwidth "
         f"{s['copy_bandwidth_gb_s']} GB/s, matmul {s['matmul_gflop_s']} GFLOP/s, {s['parameters']:,} parameters.\n\n"

@@ -229,3 +229,14 @@ class DecoderPositions:
             yield
         finally:
             self._rows = None
+
+
+def contiguous_head(base: nn.Module) -> None:
+    """Hand the output layer contiguous rows. Asked for the last position's logits, a model slices its states
+    to a strided (B, 1, H) view of (B, T, H); a linear layer on that view multiplies row by row against a
+    broadcast weight (17 GFLOP/s on a 2-core Xeon, against 130+ for one matrix product: 0.2 s of each 64-row
+    prefill of the default model). Same values, one matrix product."""
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear) and not getattr(head, "_prefixtune_contiguous", False):
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+        head._prefixtune_contiguous = True

@@ -65,7 +65,7 @@ class PrefixTunedModel(nn.Module):
         self._encoder_hooks = None
         self.decoder_positions: injection.DecoderPositions | None = None  # per-row decoder positions (BART family)
         self.layout = AttentionLayout.read(base.config)
-        _contiguous_head(base)
+        injection.contiguous_head(base)
         if self.geometry.is_encoder_decoder:
             if not self.layout.plain:
                 raise PrefixTuneError(
@@ -442,21 +442,9 @@ class PrefixTunedModel(nn.Module):
     ) -> torch.Tensor:
         """Generate token ids as Hugging Face ``generate`` returns them.
 
-        Decoder-only: (B, T + N), the (left-padded) input followed by new tokens.
-        Encoder-decoder: (B, 1 + N), the decoder start token followed by new tokens. See
-        :func:`prefixtune.generation.generate` for the options.
+        Decoder-only: (B, T + N), the (left-padded) input then new tokens; encoder-decoder: (B, 1 + N), the
+        decoder start token then new tokens. Options: :func:`prefixtune.generation.generate`.
         """
         from .generation import generate
 
         return generate(self, input_ids, attention_mask, prefix, **generation_kwargs)
-
-
-def _contiguous_head(base: nn.Module) -> None:
-    """Hand the output layer contiguous rows. Asked for the last position's logits, a model slices its states
-    to a strided (B, 1, H) view of (B, T, H); a linear layer on that view multiplies row by row against a
-    broadcast weight (17 GFLOP/s on a 2-core Xeon, against 130+ for one matrix product: 0.2 s of each 64-row
-    prefill of the default model). Same values, one matrix product."""
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if isinstance(head, nn.Linear) and not getattr(head, "_prefixtune_contiguous", False):
-        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
-        head._prefixtune_contiguous = True

@@ -24,72 +24,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from .. import generation
 from ..errors import PrefixTuneError
 from ..features import left_pad
-from ..options import GenerationOptions
 from ..state import PrefixedState, decoder_start
-
-
-@dataclass
-class Request:
-    """One generation request on token ids.
-
-    Attributes:
-        prefix: Name of the prefix to use.
-        input_ids: The prompt (already formatted for the model).
-        options: How to decode (``stop`` is applied by ``should_stop``, which works on text).
-        on_token: Called from the engine thread with each new token id.
-        on_done: Called once with the finish reason (``eos``, ``length``, ``stop``, ``cancelled``,
-            ``error``) and all generated ids.
-        should_stop: Polled after each token; True ends the request with reason ``stop``.
-        error: Why the request failed, as (HTTP status, message), when its reason is ``error``. A
-            failure ends its own request only: the other rows of the batch go on as if alone.
-        logprobs: Record each new token's log-probability (in ``token_logprobs``, before ``on_token``
-            is called) with this many most likely alternatives; None records nothing.
-        prompt_logprobs: Score the prompt's tokens first (``prompt_scores``; decoder-only), with this
-            many alternatives each; None does not.
-        score_only: Only score the prompt, generate nothing (ends with reason ``length``).
-    """
-
-    prefix: str
-    input_ids: list[int]
-    options: GenerationOptions = field(default_factory=GenerationOptions)
-    on_token: Callable[[int], None] | None = None
-    on_done: Callable[[str, list[int]], None] | None = None
-    should_stop: Callable[[list[int]], bool] | None = None
-    id: int = 0
-    arrived: float = field(default_factory=time.monotonic)
-    started: float | None = None
-    tokens: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    error: tuple[int, str] | None = None
-    chooser: generation.TokenChooser | None = None
-    seq: torch.Tensor | None = None  # (1, t): what the token processors read (prompt, then new tokens)
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    score_only: bool = False
-    token_logprobs: list[generation.TokenLogprob] = field(default_factory=list)
-    prompt_scores: list[generation.TokenLogprob] = field(default_factory=list)
-
-
-@dataclass
-class EngineStats:
-    """Counters the server exports as metrics."""
-
-    steps: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-    queue_times: list[float] = field(default_factory=list)
-    generated_tokens: int = 0
-
-    def drain(self) -> tuple[list[int], list[float]]:
-        sizes, waits = self.batch_sizes, self.queue_times
-        self.batch_sizes, self.queue_times = [], []
-        return sizes, waits
+from .requests import EngineStats, Request, done, emit, fail, finish_reason
 
 
 class Engine:
@@ -207,8 +149,8 @@ class Engine:
             r.started = now
             self.stats.queue_times.append(now - r.arrived)
             if not r.cancelled and not self.model.has_prefix(r.prefix):  # removed while the request waited
-                _fail(r, 404, f"prefix {r.prefix!r} was removed before the request started")
-                _done(r, "error")
+                fail(r, 404, f"prefix {r.prefix!r} was removed before the request started")
+                done(r, "error")
         return [r for r in taken if r.error is None and not self._finish_if_cancelled(r)]
 
     def _admit(self) -> int:
@@ -221,7 +163,7 @@ class Engine:
             if r.prompt_logprobs is not None:
                 _isolated([r], self._score_prompt)
             if r.score_only and r.error is None:
-                _done(r, "length")
+                done(r, "length")
         new = [r for r in new if r.error is None and not r.score_only]
         long = [r for r in new if self._chunkable(r) and len(r.input_ids) > self.prefill_budget]
         for r in long:
@@ -279,7 +221,7 @@ class Engine:
         going = []
         for request, state, fed in self._chunked:
             if request.cancelled:
-                _done(request, "cancelled")
+                done(request, "cancelled")
                 continue
             size = min(len(request.input_ids) - fed, budget)
             if size <= 0:
@@ -290,8 +232,8 @@ class Engine:
             try:
                 logits = state.feed(ids, torch.ones_like(ids))
             except Exception as e:  # noqa: BLE001 - this request's own failure
-                _fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
-                _done(request, "error")
+                fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
+                done(request, "error")
                 continue
             if fed + size < len(request.input_ids):
                 going.append((request, state, fed + size))
@@ -325,7 +267,7 @@ class Engine:
             try:
                 token = int(request.chooser(request.seq, row[None])[0])
             except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
-                _fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
+                fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
                 chosen.append(self.pad_token_id)
                 continue
             request.seq = torch.cat([request.seq, request.seq.new_tensor([[token]])], dim=1)
@@ -333,18 +275,18 @@ class Engine:
                 request.token_logprobs += generation.logprobs_of(row[None], torch.tensor([token]), request.logprobs)
             request.tokens.append(token)
             self.stats.generated_tokens += 1
-            _emit(request, request.on_token, token)
+            emit(request, request.on_token, token)
             chosen.append(token)
         return torch.tensor(chosen, device=logits.device)
 
     def _retire(self) -> None:
         keep = []
         for i, request in enumerate(self._running):
-            reason = _finish_reason(request, self.eos)
+            reason = finish_reason(request, self.eos)
             if reason is None:
                 keep.append(i)
             else:
-                _done(request, reason)
+                done(request, reason)
         if len(keep) == len(self._running):
             return
         self._running = [self._running[i] for i in keep]
@@ -383,8 +325,8 @@ class Engine:
             for token in tokens:
                 request.tokens.append(token)
                 self.stats.generated_tokens += 1
-                _emit(request, request.on_token, token)
-            _done(request, _finish_reason(request, self.eos) or "eos")
+                emit(request, request.on_token, token)
+            done(request, finish_reason(request, self.eos) or "eos")
 
     def _prompts(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = left_pad([r.input_ids for r in requests], self.pad_token_id)
@@ -392,14 +334,14 @@ class Engine:
 
     def _finish_if_cancelled(self, request: Request) -> bool:
         if request.cancelled:
-            _done(request, "cancelled")
+            done(request, "cancelled")
         return request.cancelled
 
     def _fail_all(self, error: Exception) -> None:
         """After a decoding step raised: end the requests being decoded (the waiting ones get their turn)."""
         for request in self._running + self._admitting + [c[0] for c in self._chunked]:
-            _fail(request, 500, f"decoding failed: {type(error).__name__}: {error}")
-            _done(request, "error")
+            fail(request, 500, f"decoding failed: {type(error).__name__}: {error}")
+            done(request, "error")
         self._running, self._admitting, self._state, self._pending, self._chunked = [], [], None, None, []
 
 
@@ -419,41 +361,8 @@ def _isolated(requests: list[Request], run: Callable[[list[Request]], None]) -> 
                 raise error
             run([request])
         except Exception as e:  # noqa: BLE001 - this request's own failure
-            _fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
-            _done(request, "error")
-
-
-def _fail(request: Request, status: int, message: str) -> None:
-    if request.error is None:
-        request.error = (status, message)
-
-
-def _emit(request: Request, callback, *args) -> None:
-    """Call a request's callback; one that raises (its client went away) cancels that request only."""
-    if callback is None:
-        return
-    try:
-        callback(*args)
-    except Exception:  # noqa: BLE001 - the client's side is gone
-        request.cancelled = True
-
-
-def _finish_reason(request: Request, eos: set[int]) -> str | None:
-    if request.error is not None:
-        return "error"
-    if request.cancelled:
-        return "cancelled"
-    if request.tokens and request.tokens[-1] in eos:
-        return "eos"
-    if request.should_stop is not None and request.should_stop(request.tokens):
-        return "stop"
-    if len(request.tokens) >= request.options.max_new_tokens:
-        return "length"
-    return None
-
-
-def _done(request: Request, reason: str) -> None:
-    _emit(request, request.on_done, reason, list(request.tokens))
+            fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
+            done(request, "error")
 
 
 def _static_groups(requests: list[Request], model) -> list[list[Request]]:
