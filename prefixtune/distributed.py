@@ -49,13 +49,22 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        from .hardware import cpu_dtype, describe_choice
+        from .hardware import cpu_dtype
 
-        dtype, rates = cpu_dtype()
-        if os.environ.get("RANK", "0") == "0":
-            print(describe_choice(dtype, rates), file=sys.stderr)
-        return dtype
+        return cpu_dtype()[0]
     return "fp32"
+
+
+def dtype_note(name: str, device: torch.device) -> str:
+    """What ``--dtype name`` means on ``device``, for the user: ``bf16 (--dtype auto: this CPU has ...)``."""
+    dtype = resolve_dtype(name, device)
+    if name != "auto":
+        return dtype
+    if device.type == "cpu":
+        from .hardware import cpu_dtype
+
+        return f"{dtype} (--dtype auto: {cpu_dtype()[1]})"
+    return f"{dtype} (--dtype auto)"
 
 
 @dataclass

@@ -6,8 +6,10 @@ import math
 import sys
 
 
-def plan_text(cfg, train: int, dev: int, dev_available: int, per_epoch: int, total: int, step: int) -> str:
-    """What a run will do, in one paragraph: examples, steps, epochs, dev evaluations."""
+def plan_text(
+    cfg, train: int, dev: int, dev_available: int, per_epoch: int, total: int, step: int, model_dtype: str | None = None
+) -> str:
+    """What a run will do, in one paragraph: examples, steps, epochs, dev evaluations, the model's dtype."""
     epochs = total / per_epoch
     lines = [
         f"train: {train:,} examples, {total:,} steps of {cfg.batch_size} "
@@ -23,13 +25,15 @@ def plan_text(cfg, train: int, dev: int, dev_available: int, per_epoch: int, tot
         )
     else:
         lines.append("dev loss: no dev examples; the last prefix is kept")
+    if model_dtype:
+        lines.append(f"frozen model: {model_dtype}; prefix and optimizer: fp32")
     if step:
         lines.append(f"resuming at step {step:,}")
     return "\n".join(lines)
 
 
-def print_plan(cfg, *args) -> None:
-    print(plan_text(cfg, *args), file=sys.stderr, flush=True)
+def print_plan(cfg, *args, **kwargs) -> None:
+    print(plan_text(cfg, *args, **kwargs), file=sys.stderr, flush=True)
 
 
 def progress_bar(enabled: bool, total: int, initial: int):

@@ -327,7 +327,8 @@ class _Run:
         shown = cfg.progress and run.dist.is_main
         if shown:
             counts = (len(run.train_features), len(run.dev_features), dev_available)
-            _print_plan(cfg, *counts, run.steps_per_epoch, run.total_steps, run.step_count)
+            note = distributed.dtype_note(cfg.dtype, model.device) if base is None else None  # a given base: its own
+            _print_plan(cfg, *counts, run.steps_per_epoch, run.total_steps, run.step_count, model_dtype=note)
         run.bar = _progress(shown, run.total_steps, run.step_count)
         model.train()
         run.loss_value, run.started, run.seen = float("nan"), time.perf_counter(), 0

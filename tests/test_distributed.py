@@ -137,9 +137,7 @@ def test_fsdp_without_several_processes_is_refused(model_dir, tmp_path, capsys):
 def test_device_and_dtype_choices():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from prefixtune.hardware import cpu_dtype
-
-    assert resolve_dtype("auto", torch.device("cpu")) == cpu_dtype()[0]
+    assert resolve_dtype("auto", torch.device("cpu")) == "fp32"  # the suite pins it (tests/conftest.py)
     assert resolve_dtype("fp16", torch.device("cpu")) == "fp16"
     with pytest.raises(PrefixTuneError, match="--device must be one of"):
         resolve_device("tpu")
@@ -178,10 +176,25 @@ def test_ddp_registers_only_the_prefix(tmp_path):
         dist.destroy_process_group()
 
 
-def test_auto_dtype_on_cpu_is_measured_once_and_follows_the_faster_multiplier(tmp_path, monkeypatch, capsys):
-    """``--dtype auto`` on a CPU: bf16 only when this CPU multiplies it at least 1.5× as fast as fp32 (AVX-512
-    BF16, AMX), else fp32 (AVX2 only); measured once per machine, remembered, and said."""
+def test_auto_dtype_on_cpu_follows_the_cpus_bf16_instructions_else_a_measurement_made_once(tmp_path, monkeypatch):
+    """``--dtype auto`` on a CPU: bf16 where the CPU has bf16 matrix instructions (AMX, AVX-512 BF16), fp32 where
+    it has not (AVX2 only); where flags cannot be read, bf16 only if it measures at least 1.5× as fast as fp32,
+    measured once per machine and remembered. The choice is said with its reason."""
     from prefixtune import hardware
+
+    monkeypatch.setenv(hardware.ENV, "bf16")
+    assert hardware.cpu_dtype(tmp_path) == ("bf16", "PREFIXTUNE_CPU_DTYPE=bf16")
+    monkeypatch.setenv(hardware.ENV, "int8")
+    with pytest.raises(PrefixTuneError, match="PREFIXTUNE_CPU_DTYPE must be fp32 or bf16"):
+        hardware.cpu_dtype(tmp_path)
+    monkeypatch.delenv(hardware.ENV)
+    for flags, expected in (({"avx2", "amx_bf16", "amx_tile"}, "bf16"), ({"avx2", "avx512_bf16"}, "bf16")):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
+        assert hardware.cpu_dtype(tmp_path)[0] == expected
+        assert resolve_dtype("auto", torch.device("cpu")) == expected
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})
+    assert hardware.cpu_dtype(tmp_path) == ("fp32", "this CPU has no bf16 matrix instructions (AMX, AVX-512 BF16)")
+    assert resolve_dtype("auto", torch.device("cpu")) == "fp32"
 
     calls = []
 
@@ -192,6 +205,7 @@ def test_auto_dtype_on_cpu_is_measured_once_and_follows_the_faster_multiplier(tm
 
         return rate
 
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: None)
     for speed, expected in ((5.0, "bf16"), (1.2, "fp32"), (0.01, "fp32")):
         folder = tmp_path / str(speed)
         monkeypatch.setattr(hardware, "matmul_rate", rates(speed))
@@ -199,6 +213,11 @@ def test_auto_dtype_on_cpu_is_measured_once_and_follows_the_faster_multiplier(tm
         measured = len(calls)
         assert hardware.cpu_dtype(folder)[0] == expected and len(calls) == measured  # read back, not measured
     assert json.loads((tmp_path / "5.0" / hardware.CACHE_FILE).read_text())[hardware.cpu_key()]["dtype"] == "bf16"
-    monkeypatch.setattr(hardware, "cpu_dtype", lambda: ("bf16", {"fp32": 100.0, "bf16": 500.0}))
-    assert resolve_dtype("auto", torch.device("cpu")) == "bf16"
-    assert "--dtype auto: bf16 on this CPU" in capsys.readouterr().err
+    monkeypatch.setattr(hardware, "cpu_dtype", lambda: ("bf16", "this CPU has bf16 matrix instructions (amx_bf16)"))
+    from prefixtune.distributed import dtype_note
+
+    assert (
+        dtype_note("auto", torch.device("cpu"))
+        == "bf16 (--dtype auto: this CPU has bf16 matrix instructions (amx_bf16))"
+    )
+    assert dtype_note("fp32", torch.device("cpu")) == "fp32"

@@ -63,6 +63,14 @@ def add_device(p) -> None:
     )
 
 
+def dtype_note(args) -> str:
+    """The model's dtype as the user should read it: ``bf16 (--dtype auto: this CPU has ...)``."""
+    from ..distributed import dtype_note as note
+    from ..distributed import resolve_device
+
+    return note(args.dtype, resolve_device(args.device))
+
+
 def device_and_dtype(args) -> tuple[str, str]:
     """The resolved ``--device`` and ``--dtype``: e.g. ("cuda:0", "bf16") or ("cpu", "fp32")."""
     from ..distributed import resolve_device, resolve_dtype

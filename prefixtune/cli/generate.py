@@ -8,7 +8,16 @@ from pathlib import Path
 from ..data import SPLITS, TASKS
 from ..errors import PrefixTuneError
 from ..presets import PRESETS
-from .common import add_decoding, add_device, cache_dir, data_path, decoding_options, device_and_dtype, positive
+from .common import (
+    add_decoding,
+    add_device,
+    cache_dir,
+    data_path,
+    decoding_options,
+    device_and_dtype,
+    dtype_note,
+    positive,
+)
 
 
 def add_parsers(sub) -> None:
@@ -57,6 +66,8 @@ def run(args) -> int:
     texts = sources(args)
     device, dtype = device_and_dtype(args)
     model, tokenizer, name = load_for_inference(args.prefix, args.model, dtype, device, cache_dir())
+    if not args.no_progress:
+        print(f"generate: {len(texts):,} inputs, model in {dtype_note(args)}", file=sys.stderr)
     base = decoding_for(args.task, args.preset) if args.preset else {}
     options = decoding_options(args, base)
     outputs = decode_texts(

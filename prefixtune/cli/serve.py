@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..serving.settings import add_flags as add_setting_flags
-from .common import add_device, cache_dir, device_and_dtype, positive
+from .common import add_device, cache_dir, device_and_dtype, dtype_note, positive
 
 
 def add_parsers(sub) -> None:
@@ -44,7 +44,7 @@ def run(args) -> int:
     found = len(app.state.registry.names())
     print(
         f"prefixtune: serving the {found} prefix folders of {args.prefixes} (each loaded on first use) on "
-        f"http://{args.host}:{args.port}",
+        f"http://{args.host}:{args.port}; model in {dtype_note(args)}",
         file=sys.stderr,
     )
     uvicorn.run(
