@@ -31,7 +31,7 @@ def test_means_are_like_against_like(tmp_path):
         _run("full", 50, 1, 0.25),  # pairs with prefixtune's subset 1 (but not averaged: lora lacks it)
         _run("peft", 50, 0, 0.30),  # not listed: in the run table only
     ]
-    summary = lowdata._report(tmp_path, results, ["prefixtune", "lora", "full"])
+    summary = lowdata.report(tmp_path, results, ["prefixtune", "lora", "full"])
     assert summary == {
         "benchmark": "lowdata",
         "runs": 7,
@@ -61,7 +61,7 @@ def test_means_are_like_against_like(tmp_path):
 def test_mean_and_sd_over_three_subsets(tmp_path):
     lowdata = _lowdata()
     results = [_run(s, 50, k, b) for k in range(3) for s, b in (("prefixtune", 0.5 + 0.1 * k), ("full", 0.5))]
-    summary = lowdata._report(tmp_path, results, ["prefixtune", "full"])
+    summary = lowdata.report(tmp_path, results, ["prefixtune", "full"])
     assert summary["prefixtune_50_bleu"] == pytest.approx(60.0)
     assert summary["prefixtune_50_bleu_sd"] == pytest.approx(10.0)  # sample sd of 50, 60, 70
     assert summary["full_50_bleu_sd"] == pytest.approx(0.0)
