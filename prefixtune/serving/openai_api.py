@@ -62,8 +62,9 @@ class Message(BaseModel):
 
 # The server's decoding options OpenAI's bodies take (max_tokens, temperature and n are declared by each body;
 # beam search and the rest are the server's own /v1/generate's).
-_LEFT_OUT = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "top_k", "temperature")
-_DECODING = options.pydantic_fields({name: None for name in (*_LEFT_OUT, "length_penalty", "early_stopping")})
+_LEFT_OUT = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k")
+_LEFT_OUT += ("num_beams", "length_penalty", "early_stopping")
+_DECODING = options.pydantic_fields({name: None for name in _LEFT_OUT})
 
 
 _TEMPERATURE = (
