@@ -16,6 +16,13 @@ def train(*args, **kwargs):
     return _train(*args, **kwargs)
 
 
+def distill(*args, **kwargs):
+    """Distill a prompt into a prefix; see :func:`prefixtune.distill.distill`."""
+    from .distill import distill as _distill
+
+    return _distill(*args, **kwargs)
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "GenerationOptions",
@@ -23,6 +30,7 @@ __all__ = [
     "PrefixLMOutput",
     "PrefixTuneError",
     "PrefixTunedModel",
+    "distill",
     "load_base",
     "train",
 ]

@@ -62,7 +62,12 @@ class RunLog:
         self._file.close()
 
 
-def plot_losses(run_dir: Path, records: list[dict]) -> None:
+def plot_losses(
+    run_dir: Path,
+    records: list[dict],
+    ylabel: str = "cross-entropy (nats / target token)",
+    title: str = "prefixtune training",
+) -> None:
     """Write ``loss.png``: training loss per step and dev loss per epoch."""
     import matplotlib
 
@@ -77,8 +82,8 @@ def plot_losses(run_dir: Path, records: list[dict]) -> None:
     if dev:
         ax.plot(*zip(*dev), "o-", label="dev loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / target token)")
-    ax.set_title("prefixtune training")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

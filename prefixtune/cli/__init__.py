@@ -1,6 +1,7 @@
 """The ``prefixtune`` command: a thin shell over the library.
 
 prefixtune train      train a prefix on a frozen model
+prefixtune distill    compress a long prompt into a short prefix
 prefixtune generate   decode with a trained prefix
 prefixtune evaluate   score predictions with the task's official metrics
 prefixtune export     write an ejected prefix folder from a run's checkpoint
@@ -15,7 +16,7 @@ import argparse
 import sys
 
 from ..errors import PrefixTuneError
-from . import datasets, evaluate, generate, prefixes, serve, train
+from . import datasets, distill, evaluate, generate, prefixes, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"prefixtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, generate, evaluate, serve, prefixes, datasets):
+    for module in (train, distill, generate, evaluate, serve, prefixes, datasets):
         module.add_parsers(sub)
     return parser
 
