@@ -43,7 +43,7 @@ def _features(args):
     from prefixtune.data import load_examples, subset
     from prefixtune.features import Formatter, context_length
 
-    model, tokenizer = load_base(args.model)
+    model, tokenizer = load_base(args.model, dtype=args.dtype)
     examples = subset(load_examples("e2e", args.data, "train"), (args.steps + args.warmup) * args.batch_size, 0)
     fmt = Formatter(tokenizer, False, context_length(model.config), args.prefix_len)
     return model, tokenizer, [fmt.encode(e) for e in examples]
@@ -203,6 +203,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--prefix-len", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="the frozen model's dtype (default: fp32)"
+    )
     ap.add_argument("--systems", default="prefixtune,prefixtune_grouped,prefixtune_compiled,peft,peft_grouped,full")
     ap.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child process: run one system
     ap.add_argument("--output", default=str(HERE / "results" / "train.md"))
@@ -223,11 +226,12 @@ def main() -> None:
     from prefixtune.base import convert_default_model
 
     params = _parameter_count(args.model or str(convert_default_model()), AutoConfig)
-    limit = fp32 * 1e9 / (4 * params)
+    limit = (bf16 if args.dtype == "bf16" else fp32) * 1e9 / (4 * params)  # the bound of the dtype trained in
     ours = results.get("prefixtune", {})
     peft = results.get("peft", {})
     summary = {
         "benchmark": "train",
+        "dtype": args.dtype,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "prefix_len": args.prefix_len,
@@ -277,10 +281,10 @@ def _write_table(args, results, summary) -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        f"# bench_train\n\n{args.steps} steps × batch {args.batch_size}, E2E train subset, prefix "
-        f"{args.prefix_len} tokens (MLP 512).\n\n" + "\n".join(rows) + "\n\n"
+        f"# bench_train\n\n{args.steps} steps × batch {args.batch_size}, frozen model in {args.dtype}, E2E train "
+        f"subset, prefix {args.prefix_len} tokens (MLP 512).\n\n" + "\n".join(rows) + "\n\n"
         f"matmul: fp32 {summary['matmul_gflops_fp32']} GFLOP/s, bf16 {summary['matmul_gflops_bf16']} "
-        f"GFLOP/s; FLOP-bound (fp32, 4 × {summary['parameters']} FLOPs/token): "
+        f"GFLOP/s; FLOP-bound ({args.dtype}, 4 × {summary['parameters']} FLOPs/token): "
         f"{summary['flop_limit_tokens_per_s']} tokens/s\n"
     )
 

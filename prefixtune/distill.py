@@ -224,9 +224,17 @@ class Distillation:
         room = self.max_new_tokens
         return [self.format.source_ids(s, f"input {i + 1}", target_room=room) for i, s in enumerate(sources)]
 
+    def teacher_key(self, sources: list[list[int]]) -> str:
+        """What the teacher's continuations of ``sources`` depend on: model, dtype, prompt, inputs, length."""
+        text = json.dumps([self.model.base_name, str(self.model.dtype), self.prompt_ids, sources, self.max_new_tokens])
+        return hashlib.sha256(text.encode()).hexdigest()
+
     @torch.no_grad()
-    def continuations(self, sources: list[list[int]], batch_size: int, progress: bool = False) -> list[list[int]]:
-        """The teacher's greedy continuation of each input (ending with EOS when it ends before the limit)."""
+    def continuations(
+        self, sources: list[list[int]], batch_size: int, progress: bool = False, prefix: str = TEACHER
+    ) -> list[list[int]]:
+        """The greedy continuation of each input under ``prefix`` (default: the teacher), ending with EOS when
+        it ends before the limit."""
         options = GenerationOptions(
             max_new_tokens=self.max_new_tokens, eos_token_id=self.format.eos, pad_token_id=self.pad_id
         )
@@ -236,7 +244,7 @@ class Distillation:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             ids, mask = left_pad([sources[i] for i in chunk], self.pad_id)
-            rows = self.model.generate(ids.to(self.model.device), mask.to(self.model.device), TEACHER, options=options)
+            rows = self.model.generate(ids.to(self.model.device), mask.to(self.model.device), prefix, options=options)
             for row, i in enumerate(chunk):
                 new = rows[row, ids.shape[1] :].tolist()
                 out[i] = new[: new.index(self.format.eos) + 1] if self.format.eos in new else new
@@ -282,30 +290,25 @@ def _bar(enabled: bool, total: int, desc: str, unit: str, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
 
 
-def _fingerprint(cfg: DistillConfig, prompt_ids: list[int], sources: list[list[int]], base_name: str) -> str:
-    """What the cached teacher continuations depend on."""
-    text = json.dumps([base_name, prompt_ids, sources, cfg.max_new_tokens, cfg.dtype])
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _teacher_cache(run_dir: Path, fingerprint: str) -> list[list[int]] | None:
-    path = run_dir / TEACHER_FILE
+def load_teacher(path: Path, key: str) -> list[list[int]] | None:
+    """Teacher continuations saved by :func:`save_teacher` under the same ``key``; None if absent,
+    made for other inputs (another key) or cut by a kill."""
     if not path.is_file():
         return None
     lines = path.read_text(encoding="utf-8").splitlines()
     try:
-        head = json.loads(lines[0])
-        if head.get("fingerprint") != fingerprint:
+        if json.loads(lines[0]).get("key") != key:
             return None
         return [json.loads(line)["ids"] for line in lines[1:]]
-    except (json.JSONDecodeError, KeyError, IndexError):
-        return None  # cut by a kill: generate again
+    except (json.JSONDecodeError, KeyError, IndexError, AttributeError):
+        return None
 
 
-def _write_teacher(run_dir: Path, fingerprint: str, continuations: list[list[int]], tokenizer) -> None:
-    rows = [json.dumps({"fingerprint": fingerprint, "inputs": len(continuations)})]
+def save_teacher(path: Path, key: str, continuations: list[list[int]], tokenizer) -> None:
+    """One header line (the key, the count), then each continuation's ids and text; written atomically."""
+    rows = [json.dumps({"key": key, "inputs": len(continuations)})]
     rows += [json.dumps({"ids": c, "text": tokenizer.decode(c, skip_special_tokens=True)}) for c in continuations]
-    atomic_write(run_dir / TEACHER_FILE, lambda p: p.write_text("\n".join(rows) + "\n", encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text("\n".join(rows) + "\n", encoding="utf-8"))
 
 
 def distill(config: DistillConfig | None = None, base=None, **kwargs) -> DistillResult:
@@ -359,11 +362,11 @@ def distill(config: DistillConfig | None = None, base=None, **kwargs) -> Distill
             flush=True,
         )
 
-    fingerprint = _fingerprint(cfg, job.prompt_ids, sources, model.base_name)
-    continuations = _teacher_cache(run_dir, fingerprint)
+    key = job.teacher_key(sources)
+    continuations = load_teacher(run_dir / TEACHER_FILE, key)
     if continuations is None:
         continuations = job.continuations(sources, cfg.teacher_batch_size, cfg.progress)
-        _write_teacher(run_dir, fingerprint, continuations, tokenizer)
+        save_teacher(run_dir / TEACHER_FILE, key, continuations, tokenizer)
     features = job.features(sources, continuations)
     if not features:
         raise PrefixTuneError("the teacher ended every input at once (EOS first): nothing to distill")
