@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers.generation.logits_process import (
+    LogitsProcessor,
     LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -27,7 +27,34 @@ from .errors import PrefixTuneError
 from .options import GenerationOptions
 from .state import PrefixedState, decoder_start
 
-__all__ = ["GenerationOptions", "TokenChooser", "TokenLogprob", "eos_and_pad", "generate", "sequence_logprobs"]
+__all__ = [
+    "GenerationOptions",
+    "TokenChooser",
+    "TokenLogprob",
+    "choose_rows",
+    "eos_and_pad",
+    "generate",
+    "sequence_logprobs",
+]
+
+
+class _HoldEos(LogitsProcessor):
+    """transformers' ``MinNewTokensLengthLogitsProcessor``, same scores: the end-of-sequence tokens get -inf
+    until ``min_new_tokens`` tokens follow the prompt. Theirs compares the whole vocabulary with the EOS ids
+    at every call (a tenth of a 64-row decoding step here); this writes the EOS columns only."""
+
+    def __init__(self, prompt_len: int, min_new_tokens: int, eos: list[int]) -> None:
+        self.prompt_len, self.min_new_tokens, self.eos = prompt_len, min_new_tokens, list(eos)
+
+    def holds(self, generated: int) -> bool:
+        return generated < self.min_new_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.holds(input_ids.shape[-1] - self.prompt_len):
+            return scores
+        scores = scores.clone()
+        scores[:, self.eos] = -float("inf")
+        return scores
 
 
 def _processors(opts: GenerationOptions, prompt_len: int, eos: list[int], sampling: bool) -> LogitsProcessorList:
@@ -38,7 +65,7 @@ def _processors(opts: GenerationOptions, prompt_len: int, eos: list[int], sampli
     if opts.no_repeat_ngram_size > 0:
         procs.append(NoRepeatNGramLogitsProcessor(opts.no_repeat_ngram_size))
     if opts.min_new_tokens > 0 and eos:
-        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, opts.min_new_tokens, eos))
+        procs.append(_HoldEos(prompt_len, opts.min_new_tokens, eos))
     if sampling:
         if opts.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(opts.temperature))
@@ -65,6 +92,9 @@ class TokenChooser:
     def __init__(self, opts: GenerationOptions, prompt_len: int, eos: list[int], generator=None) -> None:
         self.procs = _processors(opts, prompt_len, eos, opts.do_sample)
         self.sample, self.generator = opts.do_sample, generator
+        # Greedy with nothing that reads the tokens so far (EOS held back at most): rows like this are
+        # chosen together by :func:`choose_rows`, without their histories.
+        self.plain = not self.sample and all(isinstance(p, _HoldEos) for p in self.procs)
 
     def __call__(self, seqs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """seqs (B, t) the prompts and tokens so far, logits (B, V) → tokens (B,)."""
@@ -74,10 +104,51 @@ class TokenChooser:
         return scores.argmax(dim=-1)
 
 
+def choose_rows(choosers: list[TokenChooser], generated: list[int], logits: torch.Tensor, seq) -> list:
+    """The next token of each row, each row with its own chooser; a row that cannot choose gets its exception.
+
+    Rows whose choosers are ``plain`` (greedy, EOS held back until their minimum length at most) are chosen
+    by one argmax over all of them; the others one by one, each reading its tokens so far from ``seq(i)``
+    ((1, t): prompt then generated tokens). Either way a row gets exactly the token its chooser gives it alone.
+
+    Args:
+        choosers: One per row.
+        generated: Tokens each row has generated so far.
+        logits: (B, V) the rows' scores.
+        seq: Row index → (1, t) its prompt and tokens so far, for choosers that read them.
+
+    Returns:
+        B entries: a token id, or the exception that row's choice raised.
+    """
+    out: list = [None] * len(choosers)
+    plain = [i for i, c in enumerate(choosers) if c.plain]
+    if plain:
+        scores = logits[plain].float()  # a copy (indexed by a list): the caller's logits stay as they are
+        nan = torch.isnan(scores).any(dim=1).tolist()
+        for j, i in enumerate(plain):
+            for proc in choosers[i].procs:  # only _HoldEos
+                if proc.holds(generated[i]):
+                    scores[j, proc.eos] = -float("inf")
+        for i, token, bad in zip(plain, scores.argmax(dim=-1).tolist(), nan):
+            out[i] = _not_numbers() if bad else token
+    for i, chooser in enumerate(choosers):
+        if chooser.plain:
+            continue
+        try:
+            out[i] = int(chooser(seq(i), logits[i : i + 1])[0])
+        except Exception as e:  # noqa: BLE001 - this row's failure, returned for its caller to report
+            out[i] = e
+    return out
+
+
+def _not_numbers() -> PrefixTuneError:
+    return PrefixTuneError("the model's scores are not numbers (NaN): is the prefix finite?")
+
+
 def _numbers(logits: torch.Tensor) -> torch.Tensor:
     """The model's scores, refused when any is NaN (a diverged prefix): no token can be chosen from them."""
     if torch.isnan(logits).any():
-        raise PrefixTuneError("the model's scores are not numbers (NaN): is the prefix finite?")
+        raise _not_numbers()
     return logits
 
 

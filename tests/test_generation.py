@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import ALL, DECODER_ONLY, TinyTokenizer, tiny_model
 
-from prefixtune import PrefixConfig, PrefixTunedModel, PrefixTuneError
+from prefixtune import GenerationOptions, PrefixConfig, PrefixTunedModel, PrefixTuneError
 
 TOK = TinyTokenizer()
 
@@ -233,3 +233,57 @@ def test_the_output_layer_multiplies_contiguous_rows_when_decoding(family):
     hook.remove()
     assert seen and all(seen)
     assert torch.equal(out, _manual_greedy(model, ids, 3)[:, : out.shape[1]]) or 2 in out
+
+
+def test_eos_hold_scores_equal_transformers_min_new_tokens_processor():
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    from prefixtune.generation import _HoldEos
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, 50)
+    for prompt_len, min_new, length in [(4, 3, 5), (4, 3, 7), (4, 3, 8), (2, 0, 2), (1, 10, 30)]:
+        ids = torch.zeros(3, length, dtype=torch.long)
+        ours = _HoldEos(prompt_len, min_new, [7, 11])(ids, scores)
+        theirs = MinNewTokensLengthLogitsProcessor(prompt_len, min_new, [7, 11])(ids, scores)
+        assert torch.equal(ours, theirs), (prompt_len, min_new, length)
+    assert torch.isfinite(scores).all()  # the input is left as it was
+
+
+def test_rows_chosen_together_equal_each_row_chosen_alone():
+    """choose_rows (the server's per-step choice) gives each row the token its own chooser gives it alone:
+    greedy rows (EOS held back or not) in one argmax, the others (penalties, sampling) one by one; a row
+    whose scores are NaN gets its own error and the others are unaffected."""
+    from prefixtune.generation import TokenChooser, choose_rows, seeded
+
+    torch.manual_seed(1)
+    vocab, eos = 40, [3]
+    logits = torch.randn(7, vocab)
+    logits[:, 3] += 4.0  # EOS the best token, so holding it back changes the answer
+    logits[5] = float("nan")
+    prompts = [[1, 2], [5, 6, 7], [8], [9, 9], [4, 4, 4], [2], [6, 5]]
+    generated = [0, 1, 0, 2, 5, 0, 3]
+    opts = [
+        GenerationOptions(max_new_tokens=8),
+        GenerationOptions(max_new_tokens=8, min_new_tokens=4),
+        GenerationOptions(max_new_tokens=8, min_new_tokens=1),
+        GenerationOptions(max_new_tokens=8, repetition_penalty=1.3),
+        GenerationOptions(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=5, seed=3),
+        GenerationOptions(max_new_tokens=8, min_new_tokens=2),
+        GenerationOptions(max_new_tokens=8, min_new_tokens=2),
+    ]
+    history = [p + [10 + j for j in range(n)] for p, n in zip(prompts, generated)]
+
+    def chooser(i):
+        return TokenChooser(opts[i], len(prompts[i]), eos, seeded(opts[i].seed, "cpu"))
+
+    choosers = [chooser(i) for i in range(7)]
+    assert [c.plain for c in choosers] == [True, True, True, False, False, True, True]
+    picks = choose_rows(choosers, generated, logits.clone(), lambda i: torch.tensor([history[i]]))
+    for i in range(7):
+        if i == 5:
+            assert isinstance(picks[i], PrefixTuneError) and "NaN" in str(picks[i])
+            continue
+        alone = int(chooser(i)(torch.tensor([history[i]]), logits[i : i + 1])[0])
+        assert picks[i] == alone, i
+    assert picks[0] == 3 and picks[1] != 3 and picks[6] == 3  # held back only below the minimum

@@ -253,26 +253,31 @@ class Engine:
         device = self.model.device
         generator = generation.seeded(request.options.seed, device, default=request.id)
         if self.model.geometry.is_encoder_decoder:  # processors read the decoder's tokens
-            prompt = [decoder_start(self.model.base)]
+            request.context = [decoder_start(self.model.base)]
         else:
-            prompt = request.input_ids
-        request.chooser = generation.TokenChooser(request.options, len(prompt), sorted(self.eos), generator)
-        request.seq = torch.tensor([prompt], device=device)
+            request.context = request.input_ids
+        request.chooser = generation.TokenChooser(request.options, len(request.context), sorted(self.eos), generator)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """Pick each row's next token with its own options; record and report it. A row that fails
-        (scores that are not finite, a processor error) ends its own request; it leaves at ``_retire``."""
+        """Pick each row's next token with its own options (greedy rows together, in one argmax); record and
+        report it. A row that fails (scores that are not finite, a processor error) ends its own request;
+        it leaves at ``_retire``."""
+        device = self.model.device
+        picks = generation.choose_rows(
+            [r.chooser for r in requests],
+            [len(r.tokens) for r in requests],
+            logits,
+            lambda i: torch.tensor([requests[i].context + requests[i].tokens], device=device),
+        )
         chosen = []
-        for request, row in zip(requests, logits):
-            try:
-                token = int(request.chooser(request.seq, row[None])[0])
-            except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
-                fail(request, 500, f"decoding failed: {type(e).__name__}: {e}")
+        for i, (request, token) in enumerate(zip(requests, picks)):
+            if isinstance(token, Exception):  # this request's failure, not the batch's
+                fail(request, 500, f"decoding failed: {type(token).__name__}: {token}")
                 chosen.append(self.pad_token_id)
                 continue
-            request.seq = torch.cat([request.seq, request.seq.new_tensor([[token]])], dim=1)
             if request.logprobs is not None:
-                request.token_logprobs += generation.logprobs_of(row[None], torch.tensor([token]), request.logprobs)
+                row, top = logits[i : i + 1], request.logprobs
+                request.token_logprobs += generation.logprobs_of(row, torch.tensor([token]), top)
             request.tokens.append(token)
             self.stats.generated_tokens += 1
             emit(request, request.on_token, token)

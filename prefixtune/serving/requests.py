@@ -10,8 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from .. import generation
 from ..options import GenerationOptions
 
@@ -50,7 +48,7 @@ class Request:
     cancelled: bool = False
     error: tuple[int, str] | None = None
     chooser: generation.TokenChooser | None = None
-    seq: torch.Tensor | None = None  # (1, t): what the token processors read (prompt, then new tokens)
+    context: list[int] = field(default_factory=list)  # what token processors read before the new tokens
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     score_only: bool = False
