@@ -8,6 +8,9 @@ sends 8 requests per prefix from concurrent clients:
   c. sequential: one request at a time.
 
 Every request decodes exactly ``--new-tokens`` tokens (min = max), so all cases do the same work.
+Then the server's engine, without HTTP, against offline ``generate`` on the same requests (1 and 64 rows):
+milliseconds per decoding step (first token excluded), best of 2, and whether the tokens are the same —
+the server decodes with the offline fast step.
 Prints one JSON line and writes benchmarks/results/serve.md.
 
     python benchmarks/bench_serve.py [--model M] [--prefixes 8] [--requests 8] [--new-tokens 32]
@@ -55,6 +58,43 @@ def _run(server: LiveServer, waves: list[list[dict]]) -> dict:
         "p50_latency_s": statistics.median(latencies),
         "p99_latency_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
     }
+
+
+def engine_vs_generate(model, tokenizer, names: list[str], sources: list[str], new: int, rows=(1, 64)) -> dict:
+    """ms per decoding step of the server's engine and of offline ``generate`` on the same prompts and
+    prefixes (best of 2 each, alternated), and whether their tokens agree."""
+    from prefixtune import GenerationOptions
+    from prefixtune.features import left_pad
+    from prefixtune.serving.engine import Engine
+    from prefixtune.serving.requests import Request
+    from prefixtune.serving.text import prompt_ids
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    opts = GenerationOptions(max_new_tokens=new, min_new_tokens=new)
+    result = {}
+    for n in rows:
+        prefixes = [names[i % len(names)] for i in range(n)]
+        ids = [prompt_ids(model, tokenizer, p, s) for p, s in zip(prefixes, sources)]
+        engine_ms, generate_ms, same = [], [], True
+        for _ in range(2):
+            engine = Engine(model, [tokenizer.eos_token_id], pad, max_batch_size=n, prefill_budget=1 << 30)
+            requests = [engine.submit(Request(prefix=p, input_ids=i, options=opts)) for p, i in zip(prefixes, ids)]
+            with torch.inference_mode():
+                engine.step()  # prompts and first tokens
+                started = time.perf_counter()
+                while engine.busy:
+                    engine.step()
+            engine_ms.append(1000 * (time.perf_counter() - started) / (new - 1))
+            x, mask = left_pad(ids, pad)
+            started = time.perf_counter()
+            model.generate(x, mask, prefix=prefixes, options=opts.replace(max_new_tokens=1, min_new_tokens=1))
+            first = time.perf_counter() - started
+            started = time.perf_counter()
+            out = model.generate(x, mask, prefix=prefixes, options=opts)
+            generate_ms.append(1000 * (time.perf_counter() - started - first) / (new - 1))
+            same = same and [r.tokens for r in requests] == out[:, x.shape[1] :].tolist()
+        result[n] = {"engine_ms_per_step": min(engine_ms), "generate_ms_per_step": min(generate_ms), "same": same}
+    return result
 
 
 def _rss_mb() -> float:
@@ -141,6 +181,10 @@ def main() -> None:
         "sequential": _run(server, [[b] for b in everything]),
     }
     server.stop()
+    for name in names:  # the registry loaded them into the model
+        if not model.has_prefix(name):
+            model.load_prefix(prefix_dir / name, name=name)
+    step = engine_vs_generate(model, tokenizer, names, sources, args.new_tokens, rows=(1, len(everything)))
     scaled = scale(model, tokenizer, prefix_dir / names[0], everything, args.scale) if args.scale else {}
 
     mixed = results["mixed"]["tokens_per_s"]
@@ -155,6 +199,11 @@ def main() -> None:
         "speedup_vs_sequential": round(mixed / results["sequential"]["tokens_per_s"], 3),
         "speedup_vs_per_prefix": round(mixed / results["per_prefix"]["tokens_per_s"], 3),
         **{f"on_disk_{n}_{k}": round(v, 3) for n, row in scaled.items() for k, v in row.items()},
+        **{f"rows_{n}_{k}": round(v, 2) if isinstance(v, float) else v for n, r in step.items() for k, v in r.items()},
+        "engine_vs_generate_step_time": {
+            n: round(r["engine_ms_per_step"] / r["generate_ms_per_step"], 3) for n, r in step.items()
+        },
+        "outputs_unchanged": all(r["same"] for r in step.values()),
     }
     if scaled:
         largest = scaled[max(scaled)]
@@ -192,6 +241,14 @@ def main() -> None:
             + "one prefix for all vs a distinct prefix each where there are enough):\n\n"
             + "\n".join(rows)
         )
+    rows = ["| rows | engine ms/step | generate ms/step | ratio | same tokens |", "|---|---|---|---|---|"]
+    for n, r in step.items():
+        e, g = r["engine_ms_per_step"], r["generate_ms_per_step"]
+        rows.append(f"| {n} | {e:.1f} | {g:.1f} | {e / g:.2f} | {r['same']} |")
+    table += (
+        "\n\nThe server's engine (no HTTP) against offline `generate`, same prompts and prefixes, "
+        f"{args.new_tokens} tokens each, per decoding step (first token excluded), best of 2:\n\n" + "\n".join(rows)
+    )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
