@@ -19,7 +19,7 @@ Resumable: the teacher's continuations and every run are kept under ``--work``; 
 continues where it stopped. Prints one JSON line; writes ``benchmarks/results/distill.md``,
 ``distill.json`` and ``distill.png`` (agreement vs P).
 
-    python benchmarks/bench_distill.py [--tokens 8 16 32] [--inits pool first] [--steps 200]
+    python benchmarks/bench_distill.py [--tokens 8 16 32] [--inits first pool] [--steps 300]
 """
 
 from __future__ import annotations
@@ -117,11 +117,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", default=str(HERE / "distill" / "prompt.txt"))
     ap.add_argument("--tokens", type=int, nargs="+", default=[8, 16, 32], help="prefix lengths P")
-    ap.add_argument("--inits", nargs="+", default=["pool", "first"], help="initializations compared at --compare-at")
+    ap.add_argument(
+        "--inits",
+        nargs="+",
+        default=["first", "pool"],
+        help="initializations compared at --compare-at; P is swept with the first",
+    )
     ap.add_argument("--compare-at", type=int, default=16, help="the P at which the initializations are compared")
     ap.add_argument("--train-inputs", type=int, default=400)
     ap.add_argument("--heldout", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=DistillConfig.lr)
     ap.add_argument("--max-new-tokens", type=int, default=48)

@@ -41,7 +41,7 @@ from .options import GenerationOptions
 from .prefix import Prefix
 from .state import PrefixedState
 
-INITS = ("pool", "first", "random")
+INITS = ("first", "pool", "random")
 TEACHER, STUDENT = "teacher", "default"
 TEACHER_FILE = "teacher.jsonl"
 
@@ -55,8 +55,8 @@ class DistillConfig:
         prompt: The prompt text the prefix stands for (tokenized without special tokens).
         inputs: Input texts (the ``source`` of each example), or a JSONL file of ``{"source": ...}`` lines.
         num_virtual_tokens: P, the prefix length; at most the prompt's token count.
-        init: ``pool`` (mean of the prompt's keys and values over P contiguous chunks), ``first``
-            (its first P tokens) or ``random``.
+        init: ``first`` (the prompt's keys and values at its first P tokens: the best in
+            ``benchmarks/results/distill.md``), ``pool`` (their mean over P contiguous chunks) or ``random``.
         model: Hugging Face id or local folder; None for the default SmolLM2-135M-Instruct.
         max_new_tokens: Length of the teacher's greedy continuations.
         steps: Optimizer steps.
@@ -79,7 +79,7 @@ class DistillConfig:
     prompt: str
     inputs: list[str] | str
     num_virtual_tokens: int = 16
-    init: str = "pool"
+    init: str = "first"
     model: str | None = None
     max_new_tokens: int = 64
     steps: int = 200

@@ -45,8 +45,8 @@ def add_parsers(sub) -> None:
         "--init",
         choices=INITS,
         default=_default("init"),
-        help="start from the prompt's keys and values: pool = mean over P contiguous chunks, first = its first P "
-        "tokens; or random (default: %(default)s)",
+        help="start from the prompt's keys and values: first = at its first P tokens (the best in "
+        "benchmarks/results/distill.md), pool = their mean over P contiguous chunks; or random (default: %(default)s)",
     )
     s.add_argument(
         "--max-new-tokens",
