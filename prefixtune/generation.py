@@ -41,7 +41,7 @@ __all__ = [
 class _HoldEos(LogitsProcessor):
     """transformers' ``MinNewTokensLengthLogitsProcessor``, same scores: the end-of-sequence tokens get -inf
     until ``min_new_tokens`` tokens follow the prompt. Theirs compares the whole vocabulary with the EOS ids
-    at every call (a tenth of a 64-row decoding step here); this writes the EOS columns only."""
+    at every call (up to 9% of a 64-row decoding step in one profile here); this writes the EOS columns only."""
 
     def __init__(self, prompt_len: int, min_new_tokens: int, eos: list[int]) -> None:
         self.prompt_len, self.min_new_tokens, self.eos = prompt_len, min_new_tokens, list(eos)
