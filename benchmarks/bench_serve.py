@@ -10,7 +10,8 @@ sends 8 requests per prefix from concurrent clients:
 Every request decodes exactly ``--new-tokens`` tokens (min = max), so all cases do the same work.
 Then the server's engine, without HTTP, against offline ``generate`` on the same requests (1 and 64 rows):
 milliseconds per decoding step (first token excluded), best of 2, and whether the tokens are the same —
-the server decodes with the offline fast step.
+the server decodes with the offline fast step; and the same requests submitted at once to the engine
+without HTTP, at the default prefill budget and with none (what HTTP and the budget each cost).
 Prints one JSON line and writes benchmarks/results/serve.md.
 
     python benchmarks/bench_serve.py [--model M] [--prefixes 8] [--requests 8] [--new-tokens 32]
@@ -94,6 +95,33 @@ def engine_vs_generate(model, tokenizer, names: list[str], sources: list[str], n
             generate_ms.append(1000 * (time.perf_counter() - started - first) / (new - 1))
             same = same and [r.tokens for r in requests] == out[:, x.shape[1] :].tolist()
         result[n] = {"engine_ms_per_step": min(engine_ms), "generate_ms_per_step": min(generate_ms), "same": same}
+    return result
+
+
+def engine_alone(model, tokenizer, bodies: list[dict], budgets: list[int]) -> dict:
+    """tokens/s of the server's engine without HTTP: every request submitted at once, prompts included, at
+    each prefill budget (tokens admitted per step) — what the HTTP path and the budget each cost."""
+    from prefixtune import GenerationOptions
+    from prefixtune.serving.engine import Engine
+    from prefixtune.serving.requests import Request
+    from prefixtune.serving.text import prompt_ids
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    result = {}
+    for budget in budgets:
+        engine = Engine(model, [tokenizer.eos_token_id], pad, max_batch_size=len(bodies), prefill_budget=budget)
+        started = time.perf_counter()
+        for b in bodies:
+            opts = GenerationOptions(max_new_tokens=b["max_new_tokens"], min_new_tokens=b["min_new_tokens"])
+            engine.submit(
+                Request(
+                    prefix=b["prefix"], input_ids=prompt_ids(model, tokenizer, b["prefix"], b["inputs"]), options=opts
+                )
+            )
+        with torch.inference_mode():
+            while engine.busy:
+                engine.step()
+        result[budget] = sum(b["max_new_tokens"] for b in bodies) / (time.perf_counter() - started)
     return result
 
 
@@ -184,6 +212,7 @@ def main() -> None:
     for name in names:  # the registry loaded them into the model
         if not model.has_prefix(name):
             model.load_prefix(prefix_dir / name, name=name)
+    alone = engine_alone(model, tokenizer, everything, [settings.prefill_budget, 1 << 30])
     step = engine_vs_generate(model, tokenizer, names, sources, args.new_tokens, rows=(1, len(everything)))
     scaled = scale(model, tokenizer, prefix_dir / names[0], everything, args.scale) if args.scale else {}
 
@@ -204,6 +233,8 @@ def main() -> None:
             n: round(r["engine_ms_per_step"] / r["generate_ms_per_step"], 3) for n, r in step.items()
         },
         "outputs_unchanged": all(r["same"] for r in step.values()),
+        "engine_alone_tokens_per_s": round(alone[settings.prefill_budget], 2),
+        "engine_alone_unlimited_budget_tokens_per_s": round(alone[1 << 30], 2),
     }
     if scaled:
         largest = scaled[max(scaled)]
@@ -248,6 +279,11 @@ def main() -> None:
     table += (
         "\n\nThe server's engine (no HTTP) against offline `generate`, same prompts and prefixes, "
         f"{args.new_tokens} tokens each, per decoding step (first token excluded), best of 2:\n\n" + "\n".join(rows)
+    )
+    table += (
+        f"\n\nThe same {len(everything)} requests submitted at once to the engine without HTTP (prompts included): "
+        f"{alone[settings.prefill_budget]:.1f} tokens/s at the default prefill budget of {settings.prefill_budget} "
+        f"tokens per step, {alone[1 << 30]:.1f} with no budget (every prompt admitted in the first step)."
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -134,9 +134,7 @@ class PrefixTunedModel(nn.Module):
     def put_prefix(self, name: str, prefix: Prefix) -> Prefix:
         """Hold a built prefix as ``name``, replacing one of that name; the first becomes active."""
         check_prefix_name(name)
-        if name in self._prefixes:
-            del self._prefixes[name]
-        self._prefixes[name] = prefix.to(self.device)
+        self._prefixes[name] = prefix.to(self.device)  # replaced in place: never missing to another thread
         if self.active is None:
             self.active = name
         return prefix

@@ -28,9 +28,9 @@ from collections.abc import Callable
 import torch
 
 from .. import generation
-from ..errors import PrefixTuneError
 from ..features import left_pad
 from ..state import PrefixedState, decoder_start
+from .registry import PrefixNotFound
 from .requests import EngineStats, Request, done, emit, fail, finish_reason
 
 
@@ -81,7 +81,7 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queue a request; callbacks report its tokens and end."""
         if not self.model.has_prefix(request.prefix):
-            raise PrefixTuneError(f"unknown prefix {request.prefix!r}")
+            raise PrefixNotFound(f"unknown prefix {request.prefix!r}")
         request.id = next(self._ids)
         with self._wake:
             self._waiting.append(request)

@@ -59,6 +59,7 @@ class PrefixRegistry:
         self._used: OrderedDict[str, tuple] = OrderedDict()  # loaded from folders: name → files' stamp, LRU order
         self._pins: Counter[str] = Counter()  # requests using each prefix: never unloaded under them
         self._pin_lock = threading.RLock()  # pins and LRU order; not the engine's: never waits for a decoding step
+        self._loading: dict[str, threading.Lock] = {}  # one load at a time per name
 
     def _folder(self, name: str) -> Path:
         path = (self.directory / check_prefix_name(name)).resolve()
@@ -88,14 +89,24 @@ class PrefixRegistry:
         """Make prefix ``name`` resident: load its folder on first use or when its files changed since."""
         path = self._folder(name)
         stamp = _stamp(path)
+        if self._resident(name, stamp):
+            return
+        if stamp is None:
+            raise PrefixNotFound(f"unknown prefix {name!r}")
+        with self._pin_lock:
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:  # requests arriving together for a prefix not yet resident: one loads, the others wait
+            if not self._resident(name, stamp):
+                self._load_checked(path, name, stamp)
+
+    def _resident(self, name: str, stamp: tuple | None) -> bool:
+        """``name`` is loaded, from files that have not changed since (then it becomes the most recently used)."""
         with self._pin_lock:  # not the engine's lock: a resident prefix never waits for a decoding step
             if self.model.has_prefix(name) and self._used.get(name, stamp) == stamp:
                 if name in self._used:
                     self._used.move_to_end(name)
-                return
-        if stamp is None:
-            raise PrefixNotFound(f"unknown prefix {name!r}")
-        self._load_checked(path, name, stamp)
+                return True
+        return False
 
     def acquire(self, name: str) -> None:
         """A request will use ``name``: make it resident and keep it so until :meth:`release`."""

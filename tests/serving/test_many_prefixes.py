@@ -91,3 +91,43 @@ def test_a_folder_whose_files_change_is_loaded_again(served):
         after = _generate(client, "a")
         assert model.get_prefix("a").num_tokens == 6
         assert after == decode_texts(model, tok, ["name : The Mill"], "b", options={"max_new_tokens": 6})
+
+
+def test_requests_arriving_together_for_a_prefix_not_yet_resident_load_it_once(served, monkeypatch):
+    """Concurrent first use: one request loads the folder, the others wait for it and find it resident (two
+    loads replaced a prefix under requests already submitted with it, and a concurrent request got a 400)."""
+    import threading
+    import time
+
+    from prefixtune.serving import registry as registry_module
+
+    client, registry, model = _app(served)
+    reads = []
+    read = registry_module.read_prefix_folder
+
+    def slow_read(*args, **kwargs):
+        reads.append(args[1])
+        time.sleep(0.3)  # a large prefix: the others arrive while it is read
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "read_prefix_folder", slow_read)
+    errors = []
+
+    def use():
+        try:
+            registry.acquire("b")
+            assert model.has_prefix("b")
+            registry.release("b")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=use) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(reads) == 1
+    with client:
+        assert _generate(client, "b") == decode_texts(
+            model, served[1], ["name : The Mill"], "b", options={"max_new_tokens": 6}
+        )
