@@ -61,16 +61,26 @@ def _run(server: LiveServer, waves: list[list[dict]]) -> dict:
     }
 
 
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _engine(model, tokenizer, size: int, budget: int):
+    """The server's engine over ``model`` for ``size`` requests at once, admitting ``budget`` prompt tokens a step."""
+    from prefixtune.serving.engine import Engine
+
+    return Engine(model, [tokenizer.eos_token_id], _pad(tokenizer), max_batch_size=size, prefill_budget=budget)
+
+
 def engine_vs_generate(model, tokenizer, names: list[str], sources: list[str], new: int, rows=(1, 64)) -> dict:
     """ms per decoding step of the server's engine and of offline ``generate`` on the same prompts and
     prefixes (best of 2 each, alternated), and whether their tokens agree."""
     from prefixtune import GenerationOptions
     from prefixtune.features import left_pad
-    from prefixtune.serving.engine import Engine
     from prefixtune.serving.requests import Request
     from prefixtune.serving.text import prompt_ids
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = _pad(tokenizer)
     opts = GenerationOptions(max_new_tokens=new, min_new_tokens=new)
     result = {}
     for n in rows:
@@ -78,7 +88,7 @@ def engine_vs_generate(model, tokenizer, names: list[str], sources: list[str], n
         ids = [prompt_ids(model, tokenizer, p, s) for p, s in zip(prefixes, sources)]
         engine_ms, generate_ms, same = [], [], True
         for _ in range(2):
-            engine = Engine(model, [tokenizer.eos_token_id], pad, max_batch_size=n, prefill_budget=1 << 30)
+            engine = _engine(model, tokenizer, n, 1 << 30)
             requests = [engine.submit(Request(prefix=p, input_ids=i, options=opts)) for p, i in zip(prefixes, ids)]
             with torch.inference_mode():
                 engine.step()  # prompts and first tokens
@@ -102,14 +112,12 @@ def engine_alone(model, tokenizer, bodies: list[dict], budgets: list[int]) -> di
     """tokens/s of the server's engine without HTTP: every request submitted at once, prompts included, at
     each prefill budget (tokens admitted per step) — what the HTTP path and the budget each cost."""
     from prefixtune import GenerationOptions
-    from prefixtune.serving.engine import Engine
     from prefixtune.serving.requests import Request
     from prefixtune.serving.text import prompt_ids
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = {}
     for budget in budgets:
-        engine = Engine(model, [tokenizer.eos_token_id], pad, max_batch_size=len(bodies), prefill_budget=budget)
+        engine = _engine(model, tokenizer, len(bodies), budget)
         started = time.perf_counter()
         for b in bodies:
             opts = GenerationOptions(max_new_tokens=b["max_new_tokens"], min_new_tokens=b["min_new_tokens"])
