@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .errors import PrefixTuneError
 from .injection import StackPrefix, bidirectional_mask, positions
+from .kvcache import GrowingLayer
 
 _KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
 _RECURRENT = ("linear_attention", "conv")  # layers with a recurrent state and no keys or values
@@ -135,9 +136,9 @@ class _EncoderOutput(BaseModelOutput):
 
 
 # ---------------------------------------------------------------------- caches
-def _filled_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
+def _filled_layer(keys: torch.Tensor, values: torch.Tensor) -> GrowingLayer:
     """A cache layer holding the prefix that keeps its whole history."""
-    layer = DynamicLayer()
+    layer = GrowingLayer()
     layer.update(keys, values)
     return layer
 
@@ -219,7 +220,7 @@ def cached_shapes(cache, layout: AttentionLayout | None = None) -> list[tuple[tu
 
 def new_cache(model) -> DynamicCache:
     """An empty decoder-only cache whose attention layers keep their whole history (to read a prompt's)."""
-    return _decoder_cache(model, [DynamicLayer() for _ in model.layout.attention_indices])
+    return _decoder_cache(model, [GrowingLayer() for _ in model.layout.attention_indices])
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

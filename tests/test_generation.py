@@ -287,3 +287,16 @@ def test_rows_chosen_together_equal_each_row_chosen_alone():
         alone = int(chooser(i)(torch.tensor([history[i]]), logits[i : i + 1])[0])
         assert picks[i] == alone, i
     assert picks[0] == 3 and picks[1] != 3 and picks[6] == 3  # held back only below the minimum
+
+
+def test_nan_rows_finds_a_nan_anywhere_in_a_row():
+    from prefixtune.generation import _nan_rows
+
+    scores = torch.randn(6, 50)
+    scores[0, 0] = scores[1, -1] = scores[2, 7] = float("nan")
+    scores[2, 3] = float("inf")  # NaN beside +inf
+    scores[3] = -float("inf")  # all -inf is a number
+    scores[4, 10] = float("inf")
+    scores[5, :] = float("nan")
+    want = [True, True, True, False, False, True]
+    assert _nan_rows(scores).tolist() == torch.isnan(scores).any(dim=1).tolist() == want
