@@ -2,11 +2,11 @@
 
 transformers' ``DynamicLayer`` appends by ``torch.cat``, which copies the whole history at every layer
 and every step: with 64 rows of ~100 positions on the default model that is about 0.3 GB of copying
-per decoding step (appending in place made a 64-row step 1.09x faster on a 2-core CPU). :class:`GrowingLayer` keeps each tensor in a
-buffer with room to grow along the sequence axis (a quarter more than needed, at least
-:data:`SPARE` positions) and exposes ``keys``/``values`` as views of the filled part, so the layer
-behaves exactly as a ``DynamicLayer`` to everything that reads or assigns them (the values are the
-same numbers; attention reads the same keys).
+per decoding step (appending in place made a 64-row step 1.09x faster on a 2-core CPU).
+:class:`GrowingLayer` keeps each tensor in a buffer with room to grow along the sequence axis (a
+quarter more than needed, at least :data:`SPARE` positions) and exposes ``keys``/``values`` as views
+of the filled part, so the layer behaves exactly as a ``DynamicLayer`` to everything that reads or
+assigns them (the values are the same numbers; attention reads the same keys).
 
 Under autograd, when the new keys or the history need gradients, a step appends by concatenation as
 ``DynamicLayer`` does: writing into a buffer in place would invalidate the views an earlier step saved
