@@ -7,12 +7,13 @@ sends 8 requests per prefix from concurrent clients:
   b. per-prefix: one prefix's 8 requests at a time (what PEFT-style per-adapter batching allows);
   c. sequential: one request at a time.
 
-Every request decodes exactly ``--new-tokens`` tokens (min = max), so all cases do the same work.
+Every request decodes exactly ``--new-tokens`` tokens (min = max), so all cases do the same work; each
+case is run twice, the cases taking turns, and its faster round counts.
 Then the server's engine, without HTTP, against offline ``generate`` on the same requests (1 and 64 rows):
 milliseconds per decoding step (first token excluded), best of 2, and whether the tokens are the same —
 the server decodes with the offline fast step; and the same requests submitted at once to the engine
 without HTTP, at the default prefill budget and with none (what HTTP and the budget each cost).
-Prints one JSON line and writes benchmarks/results/serve.md.
+Prints one JSON line and writes benchmarks/results/serve.md and serve.json.
 
     python benchmarks/bench_serve.py [--model M] [--prefixes 8] [--requests 8] [--new-tokens 32]
 """
@@ -211,11 +212,17 @@ def main() -> None:
     server = LiveServer(app)
     _run(server, [[bodies[names[0]][0]]])  # warm-up
     everything = [b for name in names for b in bodies[name]]
-    results = {
-        "mixed": _run(server, [everything]),
-        "per_prefix": _run(server, [bodies[name] for name in names]),
-        "sequential": _run(server, [[b] for b in everything]),
+    cases = {
+        "mixed": [everything],
+        "per_prefix": [bodies[name] for name in names],
+        "sequential": [[b] for b in everything],
     }
+    results = {name: {"tokens_per_s": 0.0} for name in cases}
+    for _ in range(2):  # each case's faster of two rounds, the cases taking turns: this machine is shared
+        for name, waves in cases.items():
+            run = _run(server, waves)
+            if run["tokens_per_s"] > results[name]["tokens_per_s"]:
+                results[name] = run
     server.stop()
     for name in names:  # the registry loaded them into the model
         if not model.has_prefix(name):
@@ -295,10 +302,12 @@ def main() -> None:
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     out.write_text(
         f"# bench_serve\n\n{len(everything)} requests ({args.prefixes} prefixes × {args.requests}), "
         f"{args.new_tokens} new tokens each, greedy, model {model.base_name}, "
-        f"{torch.get_num_threads()} threads.\n\n{table}\n\nmixed vs sequential: "
+        f"{torch.get_num_threads()} threads; cases a–c each the faster of two rounds, taking turns."
+        f"\n\n{table}\n\nmixed vs sequential: "
         f"{summary['speedup_vs_sequential']}×; mixed vs per-prefix: {summary['speedup_vs_per_prefix']}×\n"
     )
     print(json.dumps(summary))
