@@ -52,7 +52,9 @@ class _Slot:
         if torch.is_grad_enabled() and (new.requires_grad or (buffer is not None and buffer.requires_grad)):
             self.assign(new if buffer is None else torch.cat([self.view(), new], dim=-2))
             return self.buffer
-        if buffer is None or buffer.shape[-2] < needed:
+        # A buffer made under torch.inference_mode cannot be written outside it: such a step moves to a new one.
+        frozen = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+        if buffer is None or buffer.shape[-2] < needed or frozen:
             grown = new.new_empty(*new.shape[:-2], _room(needed), new.shape[-1])
             if length:
                 grown[..., :length, :] = buffer[..., :length, :]

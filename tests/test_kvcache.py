@@ -63,6 +63,17 @@ def test_assigned_tensors_are_never_written_into():
     assert torch.equal(keys[:, :, :4], before[:, :, 2:]) and keys.shape[2] == 6
 
 
+def test_a_cache_filled_under_inference_mode_continues_outside_it():
+    steps = _steps()
+    grown, plain = GrowingLayer(), DynamicLayer()
+    with torch.inference_mode():
+        _replay(grown, steps[:3])
+        _replay(plain, steps[:3])
+    with torch.no_grad():
+        for a, b in zip(_replay(grown, steps[3:]), _replay(plain, steps[3:])):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 def test_gradients_flow_through_updates_that_need_them():
     layer = GrowingLayer()
     prefix = torch.randn(1, 2, 3, 4, requires_grad=True)
