@@ -25,6 +25,11 @@ def _room(needed: int) -> int:
     return needed + max(needed // 4, SPARE)
 
 
+def _holds(tensor: torch.Tensor | None) -> bool:
+    """A (..., S, D) tensor, rather than nothing or transformers' 1-D empty placeholder."""
+    return tensor is not None and tensor.dim() >= 2
+
+
 class _Slot:
     """One growing tensor (keys or values): ``buffer[..., :length, :]`` is its content. A tensor assigned
     from outside is never written into: its room is its length, so the next append moves to a new buffer."""
@@ -36,18 +41,14 @@ class _Slot:
         self.length = 0
 
     def view(self) -> torch.Tensor | None:
-        if self.buffer is None or self.buffer.dim() < 2:  # unset, or transformers' 1-D placeholder
-            return self.buffer
-        return self.buffer[..., : self.length, :]
+        return self.buffer[..., : self.length, :] if _holds(self.buffer) else self.buffer
 
     def assign(self, tensor: torch.Tensor | None) -> None:
         self.buffer = tensor
-        self.length = tensor.shape[-2] if tensor is not None and tensor.dim() >= 2 else 0
+        self.length = tensor.shape[-2] if _holds(tensor) else 0
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
-        length, buffer = self.length, self.buffer
-        if buffer is None or buffer.dim() < 2:
-            buffer = None
+        length, buffer = self.length, self.buffer if _holds(self.buffer) else None
         needed = length + new.shape[-2]
         if torch.is_grad_enabled() and (new.requires_grad or (buffer is not None and buffer.requires_grad)):
             self.assign(new if buffer is None else torch.cat([self.view(), new], dim=-2))
@@ -65,7 +66,7 @@ class _Slot:
 
     def select(self, index: torch.Tensor) -> None:
         """Keep (and repeat) rows ``index`` of the buffer, room included."""
-        if self.buffer is not None and self.buffer.dim() >= 2:
+        if _holds(self.buffer):
             self.buffer = self.buffer.index_select(0, index.to(self.buffer.device))
 
 
