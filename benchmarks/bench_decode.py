@@ -86,6 +86,7 @@ class Systems:
         from prefixtune.features import Formatter, context_length
 
         torch.set_num_threads(args.threads)
+        self.decode_weights = args.decode_weights
         base, tok = load_base(args.model, dtype=args.dtype)
         self.tok, self.base = tok, base.eval()
         config = PrefixConfig(init_text=args.init_text, reparameterize=False)
@@ -98,6 +99,12 @@ class Systems:
         self.ct2_path = _ct2_model(args, convert_default_model() if args.model is None else Path(args.model))
 
     def ours(self, ids, mask, **opts) -> torch.Tensor:
+        self.model.decode_weights = self.decode_weights
+        return self.model.generate(ids, mask, prefix="p", eos_token_id=self.eos, pad_token_id=self.pad, **opts)
+
+    def ours_forward(self, ids, mask, **opts) -> torch.Tensor:
+        """prefixtune with every step through transformers' forward (no lean step): what the lean step gains."""
+        self.model.decode_weights = "off"
         return self.model.generate(ids, mask, prefix="p", eos_token_id=self.eos, pad_token_id=self.pad, **opts)
 
     def hf(self, ids, mask, num_beams=1, **opts) -> torch.Tensor:
@@ -164,7 +171,7 @@ def _new(out: torch.Tensor, ids: torch.Tensor, stop: set[int]) -> list[list[int]
 def run_ours_and_hf(s: Systems, batches, **opts) -> dict:
     """Both Torch systems over the same batches: outputs and seconds."""
     out = {}
-    for name, fn in (("prefixtune", s.ours), ("hf_generate", s.hf)):
+    for name, fn in (("prefixtune", s.ours), ("prefixtune_forward", s.ours_forward), ("hf_generate", s.hf)):
         fn(*batches[0], **{**opts, "max_new_tokens": 2, "min_new_tokens": 0})  # warm-up
         tokens, start = [], time.perf_counter()
         for ids, mask in batches:
@@ -226,6 +233,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads (default: all)")
     ap.add_argument("--ct2-compute-types", default="float32", help="CTranslate2 compute types to try (comma list)")
     ap.add_argument("--ct2-cache", default=str(Path.home() / ".cache" / "prefixtune"), help="converted model cache")
+    ap.add_argument(
+        "--decode-weights",
+        default="auto",
+        choices=["auto", "packed", "plain", "off"],
+        help="prefixtune's one-token step (prefixtune.lean; default: auto)",
+    )
     ap.add_argument("--repeats", type=int, default=2, help="rounds of each greedy measurement, best kept (default: 2)")
     ap.add_argument("--output", default=str(HERE / "results" / "decode.md"))
     args = ap.parse_args()
@@ -244,11 +257,10 @@ def main() -> None:
         best_ct2 = min(ct2_runs, key=lambda k: b1[k])
         summary |= {"batch1_ms_per_token": round(b1["prefixtune"], 2)}
         summary |= {"hf_generate_batch1_ms_per_token": round(b1["hf_generate"], 2)}
+        summary |= {"prefixtune_forward_batch1_ms_per_token": round(b1["prefixtune_forward"], 2)}
         summary |= {"ctranslate2_batch1_ms_per_token": round(b1[best_ct2], 2), "ctranslate2_batch1_setting": best_ct2}
         summary["ctranslate2_batch1_all"] = {k: round(b1[k], 2) for k in ct2_runs}
-        summary["batch1_greedy_equal"] = _agree(
-            torch_runs["prefixtune"][0], torch_runs["hf_generate"][0], ct2_runs[best_ct2][0]
-        )
+        summary["batch1_greedy_equal"] = _agree(torch_runs, ct2_runs[best_ct2][0])
         print(json.dumps({k: v for k, v in summary.items() if "batch1" in k}), flush=True)
         limits.append((copy_bandwidth(), matmul_rate(dtype=s.base.dtype)))
 
@@ -259,14 +271,13 @@ def main() -> None:
         best_ct2 = max(ct2_runs, key=lambda k: tps[k])
         summary |= {"batch64_tokens_per_s": round(tps["prefixtune"], 1)}
         summary |= {"hf_generate_batch64_tokens_per_s": round(tps["hf_generate"], 1)}
+        summary |= {"prefixtune_forward_batch64_tokens_per_s": round(tps["prefixtune_forward"], 1)}
         summary |= {
             "ctranslate2_batch64_tokens_per_s": round(tps[best_ct2], 1),
             "ctranslate2_batch64_setting": best_ct2,
         }
         summary["ctranslate2_batch64_all"] = {k: round(tps[k], 1) for k in ct2_runs}
-        summary["batch64_greedy_equal"] = _agree(
-            torch_runs["prefixtune"][0], torch_runs["hf_generate"][0], ct2_runs[best_ct2][0]
-        )
+        summary["batch64_greedy_equal"] = _agree(torch_runs, ct2_runs[best_ct2][0])
         print(json.dumps({k: v for k, v in summary.items() if "batch64" in k}), flush=True)
         limits.append((copy_bandwidth(), matmul_rate(dtype=s.base.dtype)))
 
@@ -276,12 +287,11 @@ def main() -> None:
         torch_runs = run_ours_and_hf(s, [_left_pad(g, s.pad) for g in groups], num_beams=5, max_new_tokens=60)
         ct2_runs = run_ct2(s, args, groups, 60, False, beam=5)
         best_ct2 = min(ct2_runs, key=lambda k: ct2_runs[k][1])
-        seconds = {"prefixtune": torch_runs["prefixtune"][1], "hf_generate": torch_runs["hf_generate"][1]}
+        seconds = {k: torch_runs[k][1] for k in ("prefixtune", "prefixtune_forward", "hf_generate")}
         seconds["ctranslate2"] = ct2_runs[best_ct2][1]
         summary |= {f"beam5_{k}_inputs_per_s": round(len(beam_prompts) / v, 3) for k, v in seconds.items()}
-        summary["beam5_equal"] = _agree(
-            torch_runs["prefixtune"][0], torch_runs["hf_generate"][0], ct2_runs[best_ct2][0]
-        )
+        summary["beam5_equal"] = _agree(torch_runs, ct2_runs[best_ct2][0])
+        summary["decode_step"] = _step_note(s.model, s.decode_weights)
     summary |= floors(s.base, limits, summary)
     _write(args, summary)
     print(json.dumps(summary))
@@ -306,26 +316,40 @@ def floors(base, limits: list[tuple[float, float]], summary: dict) -> dict:
     }
 
 
-def _agree(ours, hf, ct2) -> dict:
+def _step_note(model, mode: str) -> str:
+    """Which one-token step prefixtune ran, and the memory its weight copies take."""
+    from prefixtune.lean import step_for
+
+    model.decode_weights = mode
+    step = step_for(model)
+    if step is None:
+        return "transformers forward"
+    return f"lean, {step.mode} weights (+{step.extra_bytes() / 2**20:.0f} MiB of copies)"
+
+
+def _agree(torch_runs: dict, ct2: list) -> dict:
     """Fraction of outputs identical to prefixtune's, per other system."""
-    return {
-        "hf_generate": round(sum(a == b for a, b in zip(ours, hf)) / len(ours), 3),
-        "ctranslate2": round(sum(a == b for a, b in zip(ours, ct2)) / len(ours), 3),
-    }
+    ours = torch_runs["prefixtune"][0]
+    others = {k: v[0] for k, v in torch_runs.items() if k != "prefixtune"} | {"ctranslate2": ct2}
+    return {k: round(sum(a == b for a, b in zip(ours, v)) / len(ours), 3) for k, v in others.items()}
 
 
 def _write(args, s: dict) -> None:
     rows = [
-        "| measure | prefixtune | HF generate + prefix cache | CTranslate2 | floor | prefixtune ÷ floor |",
-        "|---|---|---|---|---|---|",
+        "| measure | prefixtune | prefixtune, transformers forward | HF generate + prefix cache | CTranslate2 | floor "
+        "| prefixtune ÷ floor |",
+        "|---|---|---|---|---|---|---|",
         f"| batch-1 greedy, ms/token (lower is better) | {s['batch1_ms_per_token']} | "
+        f"{s['prefixtune_forward_batch1_ms_per_token']} | "
         f"{s['hf_generate_batch1_ms_per_token']} | {s['ctranslate2_batch1_ms_per_token']} "
         f"({s['ctranslate2_batch1_setting']}) | {s['bandwidth_floor_ms_per_token']} (bandwidth) | "
         f"{s['batch1_vs_bandwidth_floor']}× |",
-        f"| {args.rows}-row greedy, tokens/s | {s['batch64_tokens_per_s']} | {s['hf_generate_batch64_tokens_per_s']} | "
+        f"| {args.rows}-row greedy, tokens/s | {s['batch64_tokens_per_s']} | "
+        f"{s['prefixtune_forward_batch64_tokens_per_s']} | {s['hf_generate_batch64_tokens_per_s']} | "
         f"{s['ctranslate2_batch64_tokens_per_s']} ({s['ctranslate2_batch64_setting']}) | "
         f"{s['flop_floor_tokens_per_s']} (FLOPs) | {s['batch64_vs_flop_floor']} |",
-        f"| beam-5 E2E test, inputs/s | {s['beam5_prefixtune_inputs_per_s']} | {s['beam5_hf_generate_inputs_per_s']} | "
+        f"| beam-5 E2E test, inputs/s | {s['beam5_prefixtune_inputs_per_s']} | "
+        f"{s['beam5_prefixtune_forward_inputs_per_s']} | {s['beam5_hf_generate_inputs_per_s']} | "
         f"{s['beam5_ctranslate2_inputs_per_s']} | – | – |",
     ]
     out = Path(args.output)
@@ -333,7 +357,7 @@ def _write(args, s: dict) -> None:
     out.with_suffix(".json").write_text(json.dumps(s, indent=1) + "\n")
     out.write_text(
         f"# bench_decode\n\n{s['model']}, {s['dtype']} (CTranslate2: {args.ct2_compute_types}), "
-        f"{s['threads']} threads; prefix = the keys and values of "
+        f"{s['threads']} threads; prefixtune's one-token step: {s['decode_step']}; prefix = the keys and values of "
         f"{args.init_text!r} (CTranslate2: the same text as static_prompt). Greedy runs generate exactly "
         f"{s['new_tokens']} tokens per input, each greedy measurement best of {s['repeats']} rounds (the systems "
         f"taking turns). Measured in the same run (best of {len(s['limits_measured'])}, at its start and after "

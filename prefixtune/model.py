@@ -20,9 +20,10 @@ from . import injection, support
 from .config import PrefixConfig
 from .errors import PrefixTuneError
 from .geometry import read_geometry
+from .layout import AttentionLayout
 from .outputs import PrefixLMOutput, causal_loss, seq2seq_loss
 from .prefix import Prefix
-from .state import AttentionLayout, PrefixedState, decoder_start, new_cache, read_prefix
+from .state import PrefixedState, decoder_start, new_cache, read_prefix
 
 NAME_CHARS = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"  # a prefix name (the server's schema: ^...$)
 _NAME = re.compile(NAME_CHARS)  # whole name: fullmatch (a "$" would allow a final newline)
@@ -65,6 +66,7 @@ class PrefixTunedModel(nn.Module):
         self._encoder_hooks = None
         self.decoder_positions: injection.DecoderPositions | None = None  # per-row decoder positions (BART family)
         self.layout = AttentionLayout.read(base.config)
+        self.decode_weights = "auto"  # one-token steps: auto, packed, plain or off (see prefixtune.lean)
         injection.contiguous_head(base)
         if self.geometry.is_encoder_decoder:
             if not self.layout.plain:

@@ -22,109 +22,14 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
-from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
-from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput
 
 from .errors import PrefixTuneError
 from .injection import StackPrefix, bidirectional_mask, positions
 from .kvcache import GrowingLayer
-
-_KINDS = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
-_RECURRENT = ("linear_attention", "conv")  # layers with a recurrent state and no keys or values
-_NO_CACHE = "dummy"  # layers that read another layer's keys and values (KV sharing, Gemma 3n/4) or do not attend
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """How the decoder's layers attend, read once from the config.
-
-    Attributes:
-        kinds: Per transformers attention layer type used (``"full_attention"``, ...): (kind, window or chunk).
-        attention_indices: The layers that attend (and so take the prefix), in order.
-        recurrent_types: Layer types with a recurrent state instead of keys and values (hybrid models):
-            the prefix does not enter them; they start from their usual empty state.
-        num_layers: All decoder layers. Layers with neither (KV-sharing layers that attend to an earlier
-            layer's keys and values, prefix included; layers that do not attend) hold no cache.
-        num_recurrent: How many layers are recurrent.
-    """
-
-    kinds: dict[str, tuple[str, int | None]]
-    attention_indices: tuple[int, ...]
-    recurrent_types: tuple[str, ...]
-    num_layers: int
-    num_recurrent: int = 0
-
-    @classmethod
-    def read(cls, config) -> AttentionLayout:
-        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        unsupported = sorted(set(types) - set(_KINDS) - set(_RECURRENT) - {_NO_CACHE})
-        if unsupported:
-            raise PrefixTuneError(
-                f"unsupported model: its layers include {', '.join(unsupported)}; a prefix is keys and values, "
-                "so every layer must be attention (full, sliding-window or chunked) with its own cache, or "
-                "recurrent (linear attention, convolution), or share an earlier layer's cache"
-            )
-        kinds = {}
-        for name, extra in zip(types, kwargs):
-            if name in _KINDS:
-                kinds.setdefault(name, (_KINDS[name], extra.get("sliding_window")))
-        indices = tuple(i for i, t in enumerate(types) if t in _KINDS)
-        if not indices:
-            raise PrefixTuneError("unsupported model: it has no attention layer for a prefix to enter")
-        recurrent = tuple(sorted({t for t in types if t in _RECURRENT}))
-        return cls(kinds, indices, recurrent, len(types), sum(t in _RECURRENT for t in types))
-
-    @property
-    def plain(self) -> bool:
-        """Every attention layer is full causal attention: transformers' own masks are already exact."""
-        return set(self.kinds) == {"full_attention"}
-
-    @property
-    def recurrent(self) -> bool:
-        return bool(self.recurrent_types)
-
-    @property
-    def sparse(self) -> bool:
-        """Some layers have no keys and values of their own: the cache places the attention layers by index."""
-        return len(self.attention_indices) != self.num_layers
-
-    def check_implementation(self, config) -> None:
-        if not self.plain and config._attn_implementation not in ("sdpa", "eager", "flex_attention"):
-            raise PrefixTuneError(
-                f"attention implementation {config._attn_implementation!r} masks sliding windows by slot, not "
-                "position; load the model with attn_implementation='sdpa' or 'eager'"
-            )
-
-
-def _distance_rule(kind: str, size: int | None, key_pos: torch.Tensor):
-    """A transformers mask function keeping keys within the window (or chunk) by position."""
-    if kind == "sliding":
-        return lambda b, h, q, kv: key_pos[b, kv] > key_pos[b, q] - size
-    return lambda b, h, q, kv: (
-        torch.div(key_pos[b, kv], size, rounding_mode="floor") == torch.div(key_pos[b, q], size, rounding_mode="floor")
-    )
-
-
-def self_attention_mask(config, layout: AttentionLayout, queries, key_mask, key_pos, cache):
-    """The mask argument for a decoder pass: the 2D key mask, or per layer type a 4D mask by position.
-
-    Args:
-        queries: (B, T, ·) giving batch, query length, dtype and device.
-        key_mask: (B, K + T) 1 for real keys (cached and new).
-        key_pos: (B, K + T) position id of every key slot.
-    """
-    if layout.plain:
-        return key_mask
-    masks = {}
-    for name, (kind, size) in layout.kinds.items():
-        rule = None if kind == "full" else _distance_rule(kind, size, key_pos)
-        masks[name] = create_causal_mask(
-            config, queries, key_mask, cache, and_mask_function=rule, allow_is_causal_skip=False
-        )
-    for name in layout.recurrent_types:  # the padding of the new tokens, as transformers gives it
-        masks[name] = create_recurrent_attention_mask(config, queries, key_mask, cache)
-    return masks if len(masks) > 1 else next(iter(masks.values()))
+from .layout import AttentionLayout, self_attention_mask
+from .lean import step_for
 
 
 @dataclass
@@ -232,6 +137,9 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- the state
+_UNCHECKED = object()
+
+
 class PrefixedState:
     """What a batch carries through the model, one row per sequence (or beam).
 
@@ -252,7 +160,7 @@ class PrefixedState:
         self.model, self.cache, self.mask, self.keeps = model, cache, mask, keeps
         self.key_pos, self.next_pos = key_pos, next_pos
         self.encoder_hidden, self.cross_keys = encoder_hidden, cross_keys
-        self.cross_mask = None
+        self.cross_mask, self._lean = None, _UNCHECKED
         if cross_keys is not None:
             queries = encoder_hidden.new_zeros(len(cross_keys), 1, 1)  # shape only
             self.cross_mask = bidirectional_mask(model.base.config, queries, cross_keys)
@@ -298,11 +206,7 @@ class PrefixedState:
             input_mask: (B, T) 1 for real tokens (left padding allowed).
             queries: (B, T, ·) giving the dtype and device of the pass.
         """
-        input_mask = input_mask.long()
-        new_pos = positions(self.next_pos, input_mask)  # (B, T)
-        self.mask = torch.cat([self.mask, input_mask], dim=1)
-        self.key_pos = torch.cat([self.key_pos, new_pos * input_mask], dim=1)
-        self.next_pos = self.next_pos + input_mask.sum(dim=1)
+        new_pos = self._record(input_mask)
         layout = self.model.layout
         return {
             "attention_mask": self_attention_mask(
@@ -311,6 +215,15 @@ class PrefixedState:
             "position_ids": new_pos,
             "cache": self.cache,
         }
+
+    def _record(self, input_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder-only: append (B, T) new tokens' key slots; returns their position ids (B, T)."""
+        input_mask = input_mask.long()
+        new_pos = positions(self.next_pos, input_mask)
+        self.mask = torch.cat([self.mask, input_mask], dim=1)
+        self.key_pos = torch.cat([self.key_pos, new_pos * input_mask], dim=1)
+        self.next_pos = self.next_pos + input_mask.sum(dim=1)
+        return new_pos
 
     def run_decoder(self, decoder_input_ids: torch.Tensor, decoder_mask: torch.Tensor, **kwargs):
         """Encoder-decoder: one decoder pass over (B, T) tokens after what the state holds; records them.
@@ -372,10 +285,21 @@ class PrefixedState:
         base = self.model.base
         if self.is_seq2seq:
             out = self.run_decoder(tokens[:, None], ones)
+        elif (lean := self._lean_step()) is not None:  # Llama-family models: the same step, fewer operations
+            new_pos = self._record(ones)[:, 0]
+            return lean(tokens, new_pos, self.mask, _attention_layers(self.cache, self.model.layout))
         else:
             queries = torch.zeros(len(tokens), 1, 1, device=tokens.device, dtype=self.model.dtype)  # shape only
             out = base(input_ids=tokens[:, None], use_cache=True, **self.causal_inputs(ones, queries))
         return out.logits[:, -1]
+
+    def _lean_step(self):
+        """:func:`prefixtune.lean.step_for`, checked once per state (it walks every weight and module)."""
+        if torch.is_grad_enabled():
+            return None
+        if self._lean is _UNCHECKED:
+            self._lean = step_for(self.model)
+        return self._lean
 
     # ------------------------------------------------------------------ rows
     def select(self, index: torch.Tensor) -> None:

@@ -104,6 +104,28 @@ def test_generate_from_stdin_file_and_split(run_dir, tmp_path, monkeypatch, caps
     assert len(out.read_text().splitlines()) == 547  # one line per unique dev MR
 
 
+def test_generate_decode_weights_reach_the_model_and_keep_the_outputs(run_dir, monkeypatch, capsys):
+    import io
+
+    from prefixtune import decode
+
+    seen = []
+    decode_texts = decode.decode_texts
+    monkeypatch.setattr(
+        decode, "decode_texts", lambda model, *a, **k: seen.append(model.decode_weights) or decode_texts(model, *a, **k)
+    )
+    outputs = []
+    for mode in ("off", "packed", "plain"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("name : The Vaults | eatType : pub\nname : The Mill\n"))
+        args = ["generate", "--prefix", str(run_dir), "--max-new-tokens", "4", "--num-beams", "2", "--no-progress"]
+        assert main(args + ["--decode-weights", mode]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert seen == ["off", "packed", "plain"]
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0].splitlines()) == 2
+    with pytest.raises(SystemExit):
+        main(["generate", "--prefix", str(run_dir), "--decode-weights", "fast"])
+
+
 def test_train_reports_the_best_dev_loss_and_its_step(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(model_dir, out, train_size=8, dev_size=4, max_steps=4, batch_size=4)) == 0

@@ -9,6 +9,7 @@ from ..data import SPLITS, TASKS
 from ..errors import PrefixTuneError
 from ..presets import PRESETS
 from .common import (
+    add_decode_weights,
     add_decoding,
     add_device,
     cache_dir,
@@ -39,6 +40,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=positive(int), default=8, help="sources decoded together (default: 8)")
     p.add_argument("--truncate", action="store_true", help="cut sources longer than the context instead of failing")
     add_device(p)
+    add_decode_weights(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_decoding(p.add_argument_group("decoding"), "the preset's")
     p.set_defaults(func=run)
@@ -66,6 +68,7 @@ def run(args) -> int:
     texts = sources(args)
     device, dtype = device_and_dtype(args)
     model, tokenizer, name = load_for_inference(args.prefix, args.model, dtype, device, cache_dir())
+    model.decode_weights = args.decode_weights
     if not args.no_progress:
         print(f"generate: {len(texts):,} inputs, model in {dtype_note(args)}", file=sys.stderr)
     base = decoding_for(args.task, args.preset) if args.preset else {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..serving.settings import add_flags as add_setting_flags
-from .common import add_device, cache_dir, device_and_dtype, dtype_note, positive
+from .common import add_decode_weights, add_device, cache_dir, device_and_dtype, dtype_note, positive
 
 
 def add_parsers(sub) -> None:
@@ -24,6 +24,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     add_setting_flags(p, positive)
     add_device(p)
+    add_decode_weights(p)
     p.set_defaults(func=run)
 
 
@@ -39,6 +40,7 @@ def run(args) -> int:
     device, dtype = device_and_dtype(args)
     base, tokenizer = load_base(args.model, dtype=dtype, device=device, cache_dir=cache_dir())
     model = PrefixTunedModel(base, tokenizer)
+    model.decode_weights = args.decode_weights
     model.base_name = args.model or DEFAULT_MODEL
     app = create_app(model, tokenizer, args.prefixes, settings)
     found = len(app.state.registry.names())
