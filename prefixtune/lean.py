@@ -203,7 +203,7 @@ class LeanStep:
         linears = [self.head] + [m for layer in self.layers for m in (layer.qkv, layer.gate_up, layer.o, layer.down)]
         tensors = [t for m in linears if m is not None for t in (m.packed,) if t is not None]
         tensors += [m.weight for layer in self.layers for m in (layer.qkv, layer.gate_up) if m is not None]
-        return sum(t.untyped_storage().nbytes() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors)  # blocked copies are opaque: no storage
 
     def current(self, base) -> bool:
         return base is self.base and signature(base) == self.signature

@@ -178,6 +178,11 @@ def test_where_the_step_does_not_apply():
 
 def test_auto_packs_only_where_the_copies_fit(monkeypatch):
     base = _base("llama")
+    weights = sum(t.numel() * t.element_size() for t in lean._sources(base))
+    plain, packed = lean.LeanStep(base, "plain"), lean.LeanStep(base, "packed")
+    assert plain.extra_bytes() == 0
+    if torch.backends.mkldnn.is_available():  # blocked copies of every matrix, stacked q/k/v and gate/up
+        assert weights < packed.extra_bytes() < 3 * weights
     assert lean.weights_mode(base, "plain") == "plain"
     monkeypatch.setattr(lean, "_physical_memory", lambda: 10**12)
     assert lean.weights_mode(base, "auto") == "packed"
