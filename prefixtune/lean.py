@@ -12,7 +12,7 @@ SiLU-gated MLP, final norm, output layer — in about 20 operations per layer:
   transformers does for one-token steps), the mask built once per step (none when no key is padding).
 
 Products of more than one row go through oneDNN's blocked copy of each weight (``packed`` weights). With
-2 threads here, PyTorch's plain fp32 product of 4 to 50 rows with a 576-wide weight runs 2–6x slower
+2 threads here, PyTorch's plain fp32 product of 4 to 50 rows with a 576-wide weight runs 1.5-4x slower
 than with the blocked copy, which is made once instead of at every call; one row keeps the plain weight,
 where it is as fast. The copies cost memory: the stacked q/k/v and gate/up matrices plus a blocked copy
 of every matrix, about 1.5x the model's weights, so they are made only where that fits (see
