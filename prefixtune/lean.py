@@ -107,15 +107,15 @@ def signature(base) -> tuple:
 
 
 def _hooked(base) -> bool:
-    """Someone watches or changes the forward with hooks (beyond prefixtune's contiguous output layer): the
-    step would bypass them, so transformers' forward runs."""
+    """Someone watches or changes the forward — hooks (beyond prefixtune's contiguous output layer), or a
+    module's ``forward`` replaced on the instance: the step would bypass them, so transformers' forward runs."""
     from torch.nn.modules import module
 
     if module._global_forward_hooks or module._global_forward_pre_hooks:
         return True
     for m in base.modules():
         ours = 1 if getattr(m, "_prefixtune_contiguous", False) else 0
-        if m._forward_hooks or len(m._forward_pre_hooks) > ours:
+        if m._forward_hooks or len(m._forward_pre_hooks) > ours or "forward" in m.__dict__:
             return True
     return False
 
@@ -209,33 +209,72 @@ class LeanStep:
         return base is self.base and signature(base) == self.signature
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, layers) -> torch.Tensor:
-        """One new token per row → logits (B, V) of the next.
+        """T new tokens per row (a prompt, or one decoding step) → logits (B, V) after the last of them.
 
         Args:
-            tokens: (B,) the new tokens.
-            positions: (B,) their position ids.
-            key_mask: (B, K) 1 for the keys each row attends to: the cached ones and the new token last.
+            tokens: (B, T) the new tokens, left-padded.
+            positions: (B, T) their position ids.
+            key_mask: (B, K) 1 for the keys each row attends to: the cached ones, then the T new ones.
             layers: the cache's attention layers, in order; each ``update(keys, values)`` appends the new
-                (B, kv_heads, 1, D) keys and values and returns all of them.
+                (B, kv_heads, T, D) keys and values and returns all of them.
         """
-        rows, heads, kv, dim = len(tokens), self.heads, self.kv_heads, self.head_dim
-        h = F.embedding(tokens, self.embed)  # (B, d)
-        cos, sin = self.rotary(h, positions[:, None])  # (B, 1, D)
+        (rows, new), heads, kv, dim = tokens.shape, self.heads, self.kv_heads, self.head_dim
+        n = rows * new
+        h = F.embedding(tokens.reshape(n), self.embed)  # (B·T, d)
+        cos, sin = (t.reshape(n, 1, dim) for t in self.rotary(h, positions))  # (B·T, 1, D)
         half = dim // 2
         # rotate_half(x) * sin == flip of the halves * (sin with its first half negated)
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        mask = None if bool(key_mask.all()) else key_mask.bool()[:, None, None, :]
+        mask = _mask(key_mask, new, heads // kv)
         for layer, cache_layer in zip(self.layers, layers):
-            qkv = layer.project_qkv(_rms(h, layer.norm1, layer.eps)).view(rows, heads + 2 * kv, dim)
+            qkv = layer.project_qkv(_rms(h, layer.norm1, layer.eps)).view(n, heads + 2 * kv, dim)
             qk = qkv[:, : heads + kv]
-            swapped = qk.view(rows, heads + kv, 2, half).flip(2).view(rows, heads + kv, dim)
+            swapped = qk.view(n, heads + kv, 2, half).flip(2).view(n, heads + kv, dim)
             qk = torch.addcmul(qk * cos, swapped, sin)
-            keys, values = cache_layer.update(qk[:, heads:, None], qkv[:, heads + kv :, None])
-            queries = qk[:, :heads].view(rows, kv, heads // kv, dim)  # grouped by key head
+            keys, values = cache_layer.update(_by_head(qk[:, heads:], rows), _by_head(qkv[:, heads + kv :], rows))
+            queries = _grouped(qk[:, :heads], rows, kv)
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scaling)
-            h = h + layer.o(out.reshape(rows, heads * dim))
+            h = h + layer.o(_ungrouped(out, rows, new))
             h = h + layer.mlp(_rms(h, layer.norm2, layer.eps))
-        return self.head(_rms(h, self.norm, self.eps))
+        last = h.view(rows, new, -1)[:, -1]
+        return self.head(_rms(last, self.norm, self.eps))
+
+
+def _by_head(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B·T, kv, D) → (B, kv, T, D), as the cache holds keys and values."""
+    return x.view(rows, -1, *x.shape[1:]).transpose(1, 2)
+
+
+def _grouped(q: torch.Tensor, rows: int, kv: int) -> torch.Tensor:
+    """(B·T, H, D) queries → (B, kv, group·T, D): each key head's query heads (and positions) as one sequence,
+    so attention reads every key once (transformers does the same for one-token steps)."""
+    n, heads, dim = q.shape
+    new = n // rows
+    if new == 1:
+        return q.view(rows, kv, heads // kv, dim)
+    return q.view(rows, new, kv, heads // kv, dim).permute(0, 2, 3, 1, 4).reshape(rows, kv, -1, dim)
+
+
+def _ungrouped(out: torch.Tensor, rows: int, new: int) -> torch.Tensor:
+    """(B, kv, group·T, D) → (B·T, H·D), the input of the output projection."""
+    if new == 1:
+        return out.reshape(rows, -1)
+    kv, dim = out.shape[1], out.shape[-1]
+    return out.view(rows, kv, -1, new, dim).permute(0, 3, 1, 2, 4).reshape(rows * new, -1)
+
+
+def _mask(key_mask: torch.Tensor, new: int, group: int) -> torch.Tensor | None:
+    """The attention mask for ``new`` tokens per row after the cached keys, queries grouped as :func:`_grouped`:
+    (B, 1, group·T, K) True where query t may read key k (a real key, not after t; every query reads its own
+    key, so a padding position attends to something and stays finite), or None where nothing is masked."""
+    keys = key_mask.shape[1]
+    if new == 1:
+        return None if bool(key_mask.all()) else key_mask.bool()[:, None, None, :]
+    slot = torch.arange(keys, device=key_mask.device)
+    own = keys - new + torch.arange(new, device=key_mask.device)  # (T,) each query's own slot
+    mask = key_mask.bool()[:, None, :] & (slot[None, :] <= own[:, None])  # (B, T, K)
+    mask |= slot[None, :] == own[:, None]
+    return mask[:, None].repeat(1, 1, group, 1)
 
 
 def step_for(model) -> LeanStep | None:

@@ -277,6 +277,8 @@ class PrefixedState:
 
     def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Decoder-only: (B, T) more prompt tokens (all, or the next chunk) → logits (B, V) of the last one."""
+        if (lean := self._lean_step()) is not None:  # Llama-family models: the same pass, fewer operations
+            return self._lean_pass(lean, input_ids, attention_mask)
         return self.model.run_causal(input_ids, attention_mask, self, logits_to_keep=1).logits[:, -1]
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -286,12 +288,16 @@ class PrefixedState:
         if self.is_seq2seq:
             out = self.run_decoder(tokens[:, None], ones)
         elif (lean := self._lean_step()) is not None:  # Llama-family models: the same step, fewer operations
-            new_pos = self._record(ones)[:, 0]
-            return lean(tokens, new_pos, self.mask, _attention_layers(self.cache, self.model.layout))
+            return self._lean_pass(lean, tokens[:, None], ones)
         else:
             queries = torch.zeros(len(tokens), 1, 1, device=tokens.device, dtype=self.model.dtype)  # shape only
             out = base(input_ids=tokens[:, None], use_cache=True, **self.causal_inputs(ones, queries))
         return out.logits[:, -1]
+
+    def _lean_pass(self, lean, input_ids: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder-only: (B, T) tokens through the lean step (:mod:`prefixtune.lean`) → logits (B, V) of the last."""
+        new_pos = self._record(input_mask)
+        return lean(input_ids, new_pos, self.mask, _attention_layers(self.cache, self.model.layout))
 
     def _lean_step(self):
         """:func:`prefixtune.lean.step_for`, checked once per state (it walks every weight and module)."""

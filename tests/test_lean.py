@@ -1,4 +1,5 @@
-"""The lean one-token step of Llama-family models: the same logits and tokens as transformers' forward."""
+"""The lean step of Llama-family models (prompts and one-token steps): the same logits and tokens as
+transformers' forward."""
 
 from __future__ import annotations
 
@@ -73,7 +74,23 @@ def test_step_logits_equal_the_transformers_forward(family, mode):
         got = _steps(model, mode, ids[rows], mask[rows], prefix if isinstance(prefix, str) else prefix[rows])
         for a, b in zip(ref, got):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        assert torch.equal(ref[0], got[0])  # the prefill is transformers' own in every mode
+
+
+@pytest.mark.parametrize("mode", ["plain", "packed"])
+def test_prompts_fed_in_chunks_equal_the_forward(mode):
+    """Prompts go through the step too, whole or in chunks after what the cache holds (the server's prefill)."""
+    model = _model("qwen2")
+    ids, mask = _inputs(model.base.config.vocab_size)
+    prefixes = ["b", "a", "b"]
+    out = {}
+    for m in ("off", mode):
+        model.decode_weights = m
+        with torch.inference_mode():
+            state = PrefixedState.begin(model, prefixes, len(ids))
+            state.feed(ids[:, :4], mask[:, :4])
+            out[m] = [state.feed(ids[:, 4:], mask[:, 4:]), state.extend(ids[:, 0])]
+    for a, b in zip(out["off"], out[mode]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
@@ -84,12 +101,15 @@ def test_packed_mode_runs_products_of_several_rows_on_the_blocked_copies(monkeyp
     blocked = lean._blocked
     monkeypatch.setattr(lean, "_blocked", lambda x, *a: rows.append(x.shape[0]) or blocked(x, *a))
     _steps(model, "packed", ids, mask, "a", steps=2)
-    layers = model.base.config.num_hidden_layers
-    assert rows == [3] * (4 * layers + 1) * 2  # q/k/v, output, gate/up, down per layer, and the output layer
+    per_pass = 4 * model.base.config.num_hidden_layers  # q/k/v, output, gate/up, down per layer
+    # the prompt (3 rows × 7 tokens; the output layer on the last token of each row), then two steps
+    assert rows == [21] * per_pass + [3] + [3] * (per_pass + 1) * 2
     rows.clear()
     _steps(model, "packed", ids[:1], mask[:1], "a", steps=2)
+    assert rows == [7] * per_pass  # one row: the plain weights
+    rows.clear()
     _steps(model, "plain", ids, mask, "a", steps=2)
-    assert rows == []  # one row: the plain weights; plain mode: never
+    assert rows == []  # plain mode: never
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -122,13 +142,13 @@ def test_decoding_steps_bypass_the_transformers_forward_unless_hooks_watch_it(mo
     model = _model("llama")
     ids, mask = _inputs(model.base.config.vocab_size)
     calls, hooked = [], []
-    forward = model.base.forward
-    monkeypatch.setattr(model.base, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    for mode, passes in (("auto", 1), ("off", 5)):
+    forward = type(model.base).forward
+    monkeypatch.setattr(type(model.base), "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    for mode, passes in (("auto", 0), ("off", 5)):
         calls.clear()
         model.decode_weights = mode
         model.generate(ids, mask, prefix="a", max_new_tokens=5, min_new_tokens=5)
-        assert len(calls) == passes  # the prompt, then one pass per step only without the lean step
+        assert len(calls) == passes  # without the lean step: the prompt, then one pass per step
     # a hook anywhere in the model would be bypassed: transformers' forward runs and the hook sees every step
     model.decode_weights = "auto"
     handle = model.base.model.layers[1].mlp.register_forward_hook(lambda *a: hooked.append(1))
@@ -138,6 +158,11 @@ def test_decoding_steps_bypass_the_transformers_forward_unless_hooks_watch_it(mo
     finally:
         handle.remove()
     assert len(calls) == len(hooked) == 5
+    # so does a forward replaced on the instance (what a test or a wrapper does to watch or break it)
+    calls.clear()
+    monkeypatch.setattr(model.base.model.layers[0], "forward", model.base.model.layers[0].forward)
+    model.generate(ids, mask, prefix="a", max_new_tokens=5, min_new_tokens=5)
+    assert len(calls) == 5
 
 
 def test_the_step_is_rebuilt_when_weights_change():
