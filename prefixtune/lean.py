@@ -1,27 +1,29 @@
-"""One decoding step of Llama-family models, written out once over their own weights.
+"""Passes of Llama-family models over new tokens after the cache, written out once over their own weights.
 
 A one-token step through transformers' modules runs about 1,000 tensor operations on the default model
 (30 layers): module calls, mask building, cache bookkeeping. On a 2-core CPU that overhead was about
 20 ms of a 45 ms batch-1 step whose weight reads take about 25 ms. :class:`LeanStep` computes the same
-step — embedding, per layer RMSNorm → q/k/v → rotary → attention over the cache → output → RMSNorm →
-SiLU-gated MLP, final norm, output layer — in about 20 operations per layer:
+pass — embedding, per layer RMSNorm → q/k/v → rotary → attention over the cache → output → RMSNorm →
+SiLU-gated MLP, final norm, output layer on the last position — in about 20 operations per layer, for
+one decoding step or a whole prompt (or a chunk of one):
 
 - q, k and v come from one product with the three matrices stacked, gate and up likewise;
-- rotary embeddings are computed once per step for all layers, and applied to q and k together;
-- attention is one ``scaled_dot_product_attention`` with the query heads grouped by key head (as
-  transformers does for one-token steps), the mask built once per step (none when no key is padding).
+- rotary embeddings are computed once per pass for all layers, and applied to q and k together;
+- attention is one ``scaled_dot_product_attention`` with each key head's query heads (and positions) as
+  one sequence, as transformers does for one-token steps, and the mask built once per pass (none for a
+  one-token step where no key is padding).
 
-Products of more than one row go through oneDNN's blocked copy of each weight (``packed`` weights). With
-2 threads here, PyTorch's plain fp32 product of 4 to 50 rows with a 576-wide weight runs 1.5-4x slower
-than with the blocked copy, which is made once instead of at every call; one row keeps the plain weight,
-where it is as fast. The copies cost memory: the stacked q/k/v and gate/up matrices plus a blocked copy
-of every matrix, about 1.5x the model's weights, so they are made only where that fits (see
-:func:`weights_mode`); otherwise the step runs on the model's own weights.
+Products of more than one row (rows × new tokens) go through oneDNN's blocked copy of each weight
+(``packed`` weights). With 2 threads here, PyTorch's plain fp32 product of 4 to 50 rows with a 576-wide
+weight runs 1.5-4x slower than with the blocked copy, which is made once instead of at every call; one
+row keeps the plain weight, where it is as fast. The copies cost memory: the stacked q/k/v and gate/up
+matrices plus a blocked copy of every matrix, about 1.5x the model's weights, so they are made only
+where that fits (see :func:`weights_mode`); otherwise the pass runs on the model's own weights.
 
 Which models: decoder-only ``llama``, ``mistral`` and ``qwen2`` models (whose layers are exactly Llama's,
-Qwen2's with q/k/v biases) where every layer is full attention, in eval mode, without autograd. Other
-models, and every pass over more than one new token per row, keep transformers' forward. Tests compare
-the step with that forward on each family.
+Qwen2's with q/k/v biases) where every layer is full attention, in eval mode, without autograd, hooks
+or a replaced ``forward``. Other models, and training and scoring passes, keep transformers' forward.
+Tests compare the passes with that forward on each family.
 """
 
 from __future__ import annotations
