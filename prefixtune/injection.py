@@ -231,6 +231,10 @@ class DecoderPositions:
             self._rows = None
 
 
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
 def contiguous_head(base: nn.Module) -> None:
     """Hand the output layer contiguous rows. Asked for the last position's logits, a model slices its states
     to a strided (B, 1, H) view of (B, T, H); a linear layer on that view multiplies row by row against a
@@ -238,5 +242,5 @@ def contiguous_head(base: nn.Module) -> None:
     prefill of the default model). Same values, one matrix product."""
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if isinstance(head, nn.Linear) and not getattr(head, "_prefixtune_contiguous", False):
-        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+        head.register_forward_pre_hook(_contiguous_input)
         head._prefixtune_contiguous = True

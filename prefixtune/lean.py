@@ -29,6 +29,7 @@ Tests compare the passes with that forward on each family.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,11 @@ FAMILIES = ("llama", "mistral", "qwen2")
 MODES = ("auto", "packed", "plain", "off")
 PACK_ROWS = 64  # the row count oneDNN chooses the blocked layout for (any row count runs on it)
 MEMORY_SHARE = 0.25  # "auto" packs where the copies take at most this share of the machine's memory
+
+
+# Each model's step, beside the model rather than in it: copying or pickling a model leaves its step behind
+# (the blocked copies are opaque tensors that neither copies nor saves).
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _physical_memory() -> int:
@@ -189,11 +195,11 @@ class LeanStep:
 
     def __init__(self, base, mode: str) -> None:
         config, inner = base.config, base.model
-        self.mode, self.base, self.requested = mode, base, mode
+        self.mode, self.base, self.requested = weights_mode(base, mode), base, mode
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         attn = inner.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
-        packed = mode == "packed"
+        packed = self.mode == "packed"
         self.layers = [_Layer(layer, packed) for layer in inner.layers]
         self.embed, self.rotary = inner.embed_tokens.weight, inner.rotary_emb
         self.norm, self.eps = inner.norm.weight, inner.norm.variance_epsilon
@@ -289,9 +295,7 @@ def step_for(model) -> LeanStep | None:
         return None
     if _hooked(base):
         return None
-    step = model.__dict__.get("_lean_step")
+    step = _STEPS.get(model)
     if step is None or step.requested != mode or not step.current(base):
-        step = LeanStep(base, weights_mode(base, mode))
-        step.requested = mode
-        model.__dict__["_lean_step"] = step
+        step = _STEPS[model] = LeanStep(base, mode)
     return step

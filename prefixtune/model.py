@@ -66,7 +66,7 @@ class PrefixTunedModel(nn.Module):
         self._encoder_hooks = None
         self.decoder_positions: injection.DecoderPositions | None = None  # per-row decoder positions (BART family)
         self.layout = AttentionLayout.read(base.config)
-        self.decode_weights = "auto"  # one-token steps: auto, packed, plain or off (see prefixtune.lean)
+        self.decode_weights = "auto"  # prompts and decoding steps: auto, packed, plain or off (prefixtune.lean)
         injection.contiguous_head(base)
         if self.geometry.is_encoder_decoder:
             if not self.layout.plain:

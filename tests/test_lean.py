@@ -171,12 +171,12 @@ def test_the_step_is_rebuilt_when_weights_change():
     model.decode_weights = "packed"
     with torch.inference_mode():
         PrefixedState.prefill(model, ids, mask, "a")[0].extend(ids[:, -1])
-    first = model.__dict__["_lean_step"]
+    first = lean._STEPS[model]
     with torch.no_grad():  # in place, as load_state_dict writes
         model.base.model.layers[1].mlp.down_proj.weight.mul_(3.0)
         model.base.lm_head.weight.add_(0.1)
     ref, got = _steps(model, "off", ids, mask, "a"), _steps(model, "packed", ids, mask, "a")
-    assert model.__dict__["_lean_step"] is not first
+    assert lean._STEPS[model] is not first
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
@@ -205,6 +205,7 @@ def test_auto_packs_only_where_the_copies_fit(monkeypatch):
     base = _base("llama")
     weights = sum(t.numel() * t.element_size() for t in lean._sources(base))
     plain, packed = lean.LeanStep(base, "plain"), lean.LeanStep(base, "packed")
+    assert (plain.mode, packed.mode) == ("plain", "packed")
     assert plain.extra_bytes() == 0
     if torch.backends.mkldnn.is_available():  # blocked copies of every matrix, stacked q/k/v and gate/up
         assert weights < packed.extra_bytes() < 3 * weights
@@ -224,3 +225,18 @@ def test_packed_products_equal_plain_ones_for_any_row_count():
     for rows in (1, 2, 5, 64, 100):
         x = torch.randn(rows, 40, generator=g)
         torch.testing.assert_close(linear(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_models_copy_and_pickle_after_decoding_and_the_copy_builds_its_own_step():
+    import copy
+    import io
+    import pickle
+
+    model = _model("llama")
+    ids, mask = _inputs(model.base.config.vocab_size)
+    model.decode_weights = "packed"
+    want = model.generate(ids, mask, prefix="a", max_new_tokens=6)
+    twin = copy.deepcopy(model)
+    pickle.dump(model, io.BytesIO())  # the blocked copies (opaque tensors) stay out of the model
+    assert torch.equal(twin.generate(ids, mask, prefix="a", max_new_tokens=6), want)
+    assert lean._STEPS[twin] is not lean._STEPS[model] and lean._STEPS[twin].base is twin.base

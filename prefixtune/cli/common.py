@@ -64,12 +64,12 @@ def add_device(p) -> None:
 
 
 def add_decode_weights(p) -> None:
-    """``--decode-weights``: the weights of the lean one-token decoding step (:mod:`prefixtune.lean`)."""
+    """``--decode-weights``: the weights of the lean pass over prompts and decoding steps (:mod:`prefixtune.lean`)."""
     p.add_argument(
         "--decode-weights",
         default="auto",
         choices=["auto", "packed", "plain", "off"],
-        help="one-token decoding steps of Llama-family models: packed = stacked and oneDNN-blocked copies of the "
+        help="prompts and decoding steps of Llama-family models: packed = stacked and oneDNN-blocked copies of the "
         "weights (faster for several rows; about 1.5x the weights' memory more), plain = the model's own weights, "
         "off = transformers' forward (default: auto = packed on CPU where the copies fit in a quarter of memory)",
     )
