@@ -129,7 +129,7 @@ def _hooked(base) -> bool:
 
 
 def supports(base, layout) -> bool:
-    """The step computes exactly this model's one-token forward (see module doc)."""
+    """The step computes exactly this model's forward over new tokens after its cache (see module doc)."""
     config = base.config
     if config.model_type not in FAMILIES or config.is_encoder_decoder or not layout.plain or layout.sparse:
         return False
