@@ -60,8 +60,10 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     if not torch.backends.mkldnn.is_available():
         return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+    try:  # a CPU without a kernel for this dtype (bf16 before AVX-512) fails here, not in the middle of a pass
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        _blocked(weight.new_zeros(2, weight.shape[1]), packed, None)
+        return packed
     except (RuntimeError, AttributeError):
         return None
 

@@ -97,6 +97,7 @@ def test_prompts_fed_in_chunks_equal_the_forward(mode):
 def test_packed_mode_runs_products_of_several_rows_on_the_blocked_copies(monkeypatch):
     model = _model("llama")
     ids, mask = _inputs(model.base.config.vocab_size)
+    _steps(model, "packed", ids, mask, "a", steps=0)  # the step is built (each blocked copy tried once on 2 rows)
     rows = []
     blocked = lean._blocked
     monkeypatch.setattr(lean, "_blocked", lambda x, *a: rows.append(x.shape[0]) or blocked(x, *a))
