@@ -98,14 +98,14 @@ class Systems:
         self.eos, self.pad = fmt.eos, tok.pad_token_id if tok.pad_token_id is not None else fmt.eos
         self.ct2_path = _ct2_model(args, convert_default_model() if args.model is None else Path(args.model))
 
-    def ours(self, ids, mask, **opts) -> torch.Tensor:
-        self.model.decode_weights = self.decode_weights
+    def ours(self, ids, mask, decode_weights: str | None = None, **opts) -> torch.Tensor:
+        """prefixtune ``generate``; ``decode_weights="off"``: every pass through transformers' forward."""
+        self.model.decode_weights = decode_weights or self.decode_weights
         return self.model.generate(ids, mask, prefix="p", eos_token_id=self.eos, pad_token_id=self.pad, **opts)
 
     def ours_forward(self, ids, mask, **opts) -> torch.Tensor:
-        """prefixtune with every step through transformers' forward (no lean step): what the lean step gains."""
-        self.model.decode_weights = "off"
-        return self.model.generate(ids, mask, prefix="p", eos_token_id=self.eos, pad_token_id=self.pad, **opts)
+        """prefixtune without the lean pass (prefixtune.lean): what the lean pass gains."""
+        return self.ours(ids, mask, "off", **opts)
 
     def hf(self, ids, mask, num_beams=1, **opts) -> torch.Tensor:
         from transformers import DynamicCache
@@ -237,7 +237,7 @@ def main() -> None:
         "--decode-weights",
         default="auto",
         choices=["auto", "packed", "plain", "off"],
-        help="prefixtune's one-token step (prefixtune.lean; default: auto)",
+        help="weights of prefixtune's lean pass over prompts and steps (prefixtune.lean; default: auto)",
     )
     ap.add_argument("--repeats", type=int, default=2, help="rounds of each greedy measurement, best kept (default: 2)")
     ap.add_argument("--output", default=str(HERE / "results" / "decode.md"))
@@ -317,7 +317,7 @@ def floors(base, limits: list[tuple[float, float]], summary: dict) -> dict:
 
 
 def _step_note(model, mode: str) -> str:
-    """Which one-token step prefixtune ran, and the memory its weight copies take."""
+    """Which pass prefixtune ran over prompts and steps, and the memory its weight copies take."""
     from prefixtune.lean import step_for
 
     model.decode_weights = mode
@@ -357,7 +357,8 @@ def _write(args, s: dict) -> None:
     out.with_suffix(".json").write_text(json.dumps(s, indent=1) + "\n")
     out.write_text(
         f"# bench_decode\n\n{s['model']}, {s['dtype']} (CTranslate2: {args.ct2_compute_types}), "
-        f"{s['threads']} threads; prefixtune's one-token step: {s['decode_step']}; prefix = the keys and values of "
+        f"{s['threads']} threads; prefixtune's pass over prompts and steps: {s['decode_step']}; "
+        "prefix = the keys and values of "
         f"{args.init_text!r} (CTranslate2: the same text as static_prompt). Greedy runs generate exactly "
         f"{s['new_tokens']} tokens per input, each greedy measurement best of {s['repeats']} rounds (the systems "
         f"taking turns). Measured in the same run (best of {len(s['limits_measured'])}, at its start and after "

@@ -155,7 +155,10 @@ def weights_mode(base, mode: str) -> str:
 
 
 class _Layer:
-    __slots__ = ("eps", "norm1", "norm2", "qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
+    """One decoder layer's weights. ``qkv`` and ``gate_up`` are one stacked product (packed mode: a copy of the
+    matrices one above the other) or the model's own separate products (plain mode)."""
+
+    __slots__ = ("eps", "norm1", "norm2", "qkv", "o", "gate_up", "down")
 
     def __init__(self, layer, packed: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -163,26 +166,21 @@ class _Layer:
         self.norm1, self.norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         self.o = Linear(attn.o_proj.weight, attn.o_proj.bias, packed)
         self.down = Linear(mlp.down_proj.weight, mlp.down_proj.bias, packed)
-        self.qkv = self.gate_up = None
-        self.q, self.k, self.v = (Linear(m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
-        self.gate, self.up = (
-            Linear(mlp.gate_proj.weight, mlp.gate_proj.bias),
-            Linear(mlp.up_proj.weight, mlp.up_proj.bias),
-        )
-        if packed:  # stacked copies: one product instead of three (two)
-            self.qkv = Linear(*_stacked(attn.q_proj, attn.k_proj, attn.v_proj), pack=True)
-            self.gate_up = Linear(*_stacked(mlp.gate_proj, mlp.up_proj), pack=True)
+        groups = ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj))
+        if packed:
+            self.qkv, self.gate_up = ([Linear(*_stacked(*group), pack=True)] for group in groups)
+        else:
+            self.qkv, self.gate_up = ([Linear(m.weight, m.bias) for m in group] for group in groups)
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qkv is not None:
-            return self.qkv(x)
-        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        outs = [m(x) for m in self.qkv]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        if len(self.gate_up) == 1:
+            gate, up = self.gate_up[0](x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate(x), self.up(x)
+            gate, up = (m(x) for m in self.gate_up)
         return self.down(F.silu(gate) * up)
 
 
@@ -210,9 +208,11 @@ class LeanStep:
 
     def extra_bytes(self) -> int:
         """Memory of the copies this step made (stacked and blocked weights); 0 in plain mode."""
-        linears = [self.head] + [m for layer in self.layers for m in (layer.qkv, layer.gate_up, layer.o, layer.down)]
-        tensors = [t for m in linears if m is not None for t in (m.packed,) if t is not None]
-        tensors += [m.weight for layer in self.layers for m in (layer.qkv, layer.gate_up) if m is not None]
+        if self.mode != "packed":
+            return 0
+        stacked = [m for layer in self.layers for m in layer.qkv + layer.gate_up]
+        own = [self.head] + [m for layer in self.layers for m in (layer.o, layer.down)]
+        tensors = [m.weight for m in stacked] + [m.packed for m in stacked + own if m.packed is not None]
         return sum(t.numel() * t.element_size() for t in tensors)  # blocked copies are opaque: no storage
 
     def current(self, base) -> bool:
