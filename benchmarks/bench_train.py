@@ -8,6 +8,10 @@ for a frozen base). Prints one JSON line last and writes benchmarks/results/trai
 
     python benchmarks/bench_train.py [--steps 20] [--batch-size 8] [--systems prefixtune,peft,full]
 
+``--device cuda`` trains on a GPU (batches, timings and peak GPU memory there; the matmul rates of that GPU; model
+FLOP utilization, 4 × parameters FLOPs per token, against the maker's bf16 peak where the GPU is known:
+benchmarks/machine.py). benchmarks/gpu_check.sh runs it on a lent GPU.
+
 Needs the `peft` package for system b (`pip install -e ".[bench]"`).
 """
 
@@ -22,19 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from machine import matmul_rate, peak_memory_mb, spec_peak, sync
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "e2e"
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
 def _features(args):
@@ -43,16 +38,20 @@ def _features(args):
     from prefixtune.data import load_examples, subset
     from prefixtune.features import Formatter, context_length
 
-    model, tokenizer = load_base(args.model, dtype=args.dtype)
+    model, tokenizer = load_base(args.model, dtype=args.dtype, device=args.device)
     examples = subset(load_examples("e2e", args.data, "train"), (args.steps + args.warmup) * args.batch_size, 0)
     fmt = Formatter(tokenizer, False, context_length(model.config), args.prefix_len)
     return model, tokenizer, [fmt.encode(e) for e in examples]
 
 
-def _batches(features, batch_size, pad_id):
+def _on(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _batches(features, batch_size, pad_id, device="cpu"):
     from prefixtune.features import collate
 
-    return [collate(features[i : i + batch_size], pad_id) for i in range(0, len(features), batch_size)]
+    return [_on(collate(features[i : i + batch_size], pad_id), device) for i in range(0, len(features), batch_size)]
 
 
 def run_prefixtune(args, group_by_length: bool = False, compile_layers: bool = False) -> dict:
@@ -69,10 +68,10 @@ def run_prefixtune(args, group_by_length: bool = False, compile_layers: bool = F
 
         compile_them(model)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr)
-    timed = _batches(features, args.batch_size, tokenizer.pad_token_id)
+    timed = _batches(features, args.batch_size, tokenizer.pad_token_id, args.device)
     if group_by_length:  # the same examples, batched by similar length (``--group-by-length``): less padding
         groups = batches(len(features), args.batch_size, 0, 0, [len(f.input_ids) for f in features])
-        timed = [collate([features[i] for i in g], tokenizer.pad_token_id) for g in groups]
+        timed = [_on(collate([features[i] for i in g], tokenizer.pad_token_id), args.device) for g in groups]
     return _timed(args, timed, lambda b: model(**b, loss_only=True).loss, opt)
 
 
@@ -120,6 +119,7 @@ def _trainer(args, model, tokenizer, features, group_by_length: bool = False) ->
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
+            sync(args.device)
             marks.append(time.perf_counter())
 
         def on_log(self, _args, _state, _control, logs=None, **k):
@@ -148,10 +148,12 @@ def _trainer(args, model, tokenizer, features, group_by_length: bool = False) ->
             dataloader_num_workers=0,
             remove_unused_columns=False,
             disable_tqdm=True,
+            use_cpu=torch.device(args.device).type == "cpu",
             # The same batches as prefixtune's (in order), or the Trainer's own length grouping.
             train_sampling_strategy="group_by_length" if group_by_length else "sequential",
         )
         trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[Clock()])
+        sync(args.device)
         start = time.perf_counter()
         trainer.train()
     marks.insert(0, start)
@@ -165,6 +167,7 @@ def _timed(args, batches, loss_fn, opt) -> dict:
         loss = loss_fn(batch)
         loss.backward()
         opt.step()
+        sync(args.device)
         marks.append(time.perf_counter())
     return _summary(args, marks, batches, float(loss))
 
@@ -174,6 +177,7 @@ def _summary(args, marks, batches, final_loss) -> dict:
     seconds = marks[-1] - marks[args.warmup]
     real = sum(int(b["attention_mask"].sum()) for b in timed)
     target = sum(int((b["labels"] != -100).sum()) for b in timed)
+    gpu_mb = peak_memory_mb(args.device)
     return {
         "tokens_per_s": real / seconds,
         "target_tokens_per_s": target / seconds,
@@ -181,6 +185,7 @@ def _summary(args, marks, batches, final_loss) -> dict:
         "warmup_seconds": marks[args.warmup] - marks[0],  # includes compilation for the compiled system
         "final_loss": final_loss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **({"peak_gpu_mb": gpu_mb} if gpu_mb is not None else {}),
     }
 
 
@@ -206,6 +211,7 @@ def main() -> None:
     ap.add_argument(
         "--dtype", default="fp32", choices=["fp32", "bf16"], help="the frozen model's dtype (default: fp32)"
     )
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     ap.add_argument("--systems", default="prefixtune,prefixtune_grouped,prefixtune_compiled,peft,peft_grouped,full")
     ap.add_argument("--system", default=None, help=argparse.SUPPRESS)  # child process: run one system
     ap.add_argument("--output", default=str(HERE / "results" / "train.md"))
@@ -220,7 +226,7 @@ def main() -> None:
         if out.returncode != 0:
             raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    fp32, bf16 = (_matmul_gflops(dtype, args.device) for dtype in (torch.float32, torch.bfloat16))
     from transformers import AutoConfig
 
     from prefixtune.base import convert_default_model
@@ -232,6 +238,7 @@ def main() -> None:
     summary = {
         "benchmark": "train",
         "dtype": args.dtype,
+        "device": args.device,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "prefix_len": args.prefix_len,
@@ -251,12 +258,23 @@ def main() -> None:
     if "prefixtune_grouped" in results and "peft_grouped" in results:  # both given length grouping
         grouped = results["prefixtune_grouped"]["tokens_per_s"] / results["peft_grouped"]["tokens_per_s"]
         summary["speedup_vs_peft_grouped_both"] = round(grouped, 3)
+    if ours and peft and "peak_gpu_mb" in ours:
+        summary["peak_gpu_ratio_vs_peft"] = round(ours["peak_gpu_mb"] / peft["peak_gpu_mb"], 3)
+    if (peak := spec_peak(args.device)) is not None:  # model FLOP utilization against the maker's bf16 peak
+        summary["gpu"] = torch.cuda.get_device_name(args.device)
+        summary["spec_peak_tflop_s"] = round(peak / 1e12, 1)
+        summary |= {f"{name}_mfu": round(r["tokens_per_s"] * 4 * params / peak, 4) for name, r in results.items()}
     if ours:
         summary["fraction_of_flop_limit"] = round(ours["tokens_per_s"] / limit, 3)
     if "prefixtune_grouped" in results:
         summary["fraction_of_flop_limit_grouped"] = round(results["prefixtune_grouped"]["tokens_per_s"] / limit, 3)
     _write_table(args, results, summary)
     print(json.dumps(summary))
+
+
+def _matmul_gflops(dtype: torch.dtype, device) -> float:
+    """The matmul rate of :mod:`machine`: n = 1024 on the CPU (as this benchmark's records), 8192 on a GPU."""
+    return matmul_rate(dtype, device, n=1024 if torch.device(device).type == "cpu" else None) / 1e9
 
 
 def _parameter_count(path: str, auto_config) -> int:
@@ -268,20 +286,29 @@ def _parameter_count(path: str, auto_config) -> int:
 
 
 def _write_table(args, results, summary) -> None:
+    gpu = "peak_gpu_mb" in next(iter(results.values()), {})
+    extra = " peak GPU (MB) | MFU |" if gpu else ""
     rows = [
-        "| system | tokens/s (all) | tokens/s (target) | s/step | warmup s | peak RSS (MB) | final loss |",
-        "|---|---|---|---|---|---|---|",
+        "| system | tokens/s (all) | tokens/s (target) | s/step | warmup s | peak RSS (MB) | final loss |" + extra,
+        "|---|---|---|---|---|---|---|" + ("---|---|" if gpu else ""),
     ]
     for name, r in results.items():
+        cells = f" {r['peak_gpu_mb']:.0f} | {summary.get(f'{name}_mfu', '–')} |" if gpu else ""
         rows.append(
             f"| {name} | {r['tokens_per_s']:.1f} | {r['target_tokens_per_s']:.1f} | "
             f"{r['seconds_per_step']:.2f} | {r['warmup_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['final_loss']:.3f} |"
+            f"{r['final_loss']:.3f} |" + cells
         )
+    where = (
+        f", {summary['gpu']} (MFU: 4 × parameters FLOPs per token ÷ {summary['spec_peak_tflop_s']} TFLOP/s)"
+        if gpu and "gpu" in summary
+        else ""
+    )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        f"# bench_train\n\n{args.steps} steps × batch {args.batch_size}, frozen model in {args.dtype}, E2E train "
+        f"# bench_train\n\n{args.steps} steps × batch {args.batch_size}, frozen model in {args.dtype} on {args.device}"
+        f"{where}, E2E train "
         f"subset, prefix {args.prefix_len} tokens (MLP 512).\n\n" + "\n".join(rows) + "\n\n"
         f"matmul: fp32 {summary['matmul_gflops_fp32']} GFLOP/s, bf16 {summary['matmul_gflops_bf16']} "
         f"GFLOP/s; FLOP-bound ({args.dtype}, 4 × {summary['parameters']} FLOPs/token): "

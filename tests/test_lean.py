@@ -35,8 +35,9 @@ def _base(family: str, dtype=torch.float32):
     return base.to(dtype).eval()
 
 
-def _model(family: str, dtype=torch.float32) -> PrefixTunedModel:
-    model = PrefixTunedModel.wrap(_base(family, dtype), PrefixConfig(num_virtual_tokens=3, init_std=0.5), TOK, name="a")
+def _model(family: str, dtype=torch.float32, device="cpu") -> PrefixTunedModel:
+    base = _base(family, dtype).to(device)
+    model = PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=3, init_std=0.5), TOK, name="a")
     model.add_prefix("b", PrefixConfig(num_virtual_tokens=6, init_std=0.5))
     return model.eval()
 
@@ -58,7 +59,7 @@ def _steps(model, mode: str, ids, mask, prefix, steps: int = 6) -> list[torch.Te
         state, logits = PrefixedState.prefill(model, ids, mask, prefix)
         out = [logits]
         for _ in range(steps):
-            tokens = torch.randint(3, model.base.config.vocab_size, (len(ids),), generator=g)
+            tokens = torch.randint(3, model.base.config.vocab_size, (len(ids),), generator=g).to(ids.device)
             out.append(state.extend(tokens))
     return out
 
@@ -137,6 +138,21 @@ def test_bf16_steps_stay_close_to_the_forward():
     for mode in ("plain", "packed"):
         for a, b in zip(ref, _steps(model, mode, ids, mask, ["a", "b", "a"])):
             torch.testing.assert_close(b.float(), a.float(), rtol=0.02, atol=0.03)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_steps_use_the_model_weights_and_equal_the_forward(dtype):
+    model = _model("qwen2", dtype, "cuda")
+    step = lean.step_for(model)
+    assert step is not None and step.mode == "plain" and step.extra_bytes() == 0  # auto: no blocked copies
+    ids, mask = (t.cuda() for t in _inputs(model.base.config.vocab_size))
+    ref = _steps(model, "off", ids, mask, ["a", "b", "a"])
+    got = _steps(model, "auto", ids, mask, ["a", "b", "a"])
+    tol = 1e-3 if dtype == torch.float32 else 0.03
+    for a, b in zip(ref, got):
+        assert b.device.type == "cuda"
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
 
 
 def test_decoding_steps_bypass_the_transformers_forward_unless_hooks_watch_it(monkeypatch):
