@@ -101,3 +101,23 @@ def test_random_weights_make_a_loadable_model_of_the_same_shapes(model_dir, tmp_
     assert {n: p.shape for n, p in made.named_parameters()} == shapes
     assert not torch.equal(made.lm_head.weight, original.lm_head.weight)  # new values, not a copy
     assert tok("hello")["input_ids"]
+
+
+def test_ceilings_count_the_model_parameters_and_compare_each_target(model_dir, tmp_path):
+    import bench_ceilings
+
+    from prefixtune import load_base
+
+    out = tmp_path / "ceilings.md"
+    argv = ["--model", model_dir, "--rows", "4", "--cache-len", "8", "--batch", "2", "--length", "6"]
+    summary = bench_ceilings.main([*argv, "--repeats", "1", "--output", str(out)])
+    base, _ = load_base(model_dir)
+    assert summary["parameters"] == sum(p.numel() for p in base.parameters())  # the floors' parameter count
+    assert summary["rows_ceiling_vs_flop_floor"] == pytest.approx(
+        summary["rows_ceiling_tokens_per_s"] / summary["flop_floor_tokens_per_s"], rel=0.01, abs=2e-4
+    )
+    assert summary["train_ceiling_tokens_per_s"] == pytest.approx(
+        12 / (2 * summary["train_layer_ms"] / 1000 + summary["train_head_ms"] / 1000), rel=0.02
+    )
+    table = out.read_text()
+    assert "≥ 0.85 of bound" in table and "≤ 1.5× floor" in table
