@@ -300,3 +300,22 @@ def test_nan_rows_finds_a_nan_anywhere_in_a_row():
     scores[5, :] = float("nan")
     want = [True, True, True, False, False, True]
     assert _nan_rows(scores).tolist() == torch.isnan(scores).any(dim=1).tolist() == want
+
+
+def test_argmax_rows_gives_argmax_indices_ties_and_infinities_included():
+    from prefixtune.generation import ARGMAX_CHUNK, argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 8 * ARGMAX_CHUNK
+    scores = torch.randn(12, vocab, generator=g)
+    scores[1, [5, 3 * ARGMAX_CHUNK + 7, 7 * ARGMAX_CHUNK]] = 9.0  # ties in different chunks: the first wins
+    scores[2, [ARGMAX_CHUNK + 9, ARGMAX_CHUNK + 4]] = 9.0  # ties within a chunk
+    scores[3] = -float("inf")  # every token forbidden
+    scores[4, 6 * ARGMAX_CHUNK + 1] = float("inf")
+    scores[5, [2 * ARGMAX_CHUNK + 3, 4 * ARGMAX_CHUNK]] = float("nan")  # as argmax: the first NaN
+    scores[6] = scores[6].round()  # many ties
+    scores[7, -1] = 9.0  # the last position
+    for rows in (scores, scores[:1], scores.to(torch.bfloat16)):
+        assert torch.equal(argmax_rows(rows), rows.argmax(dim=-1))
+    odd = torch.randn(3, vocab + 5, generator=g)  # no whole chunks: argmax as is
+    assert torch.equal(argmax_rows(odd), odd.argmax(dim=-1))
