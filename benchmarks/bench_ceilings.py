@@ -63,19 +63,30 @@ def _best(fn, repeats: int) -> float:
     return min(timed(fn) for _ in range(repeats))
 
 
-def decode_products(shapes: Shapes, rows: int, packed: bool, repeats: int) -> float:
-    """Seconds of one decoding step's products for ``rows`` rows (lean.Linear: blocked copies when ``packed``)."""
+def decode_products(shapes: Shapes, rows: int, packed: bool, repeats: int, mkl: bool = False) -> float:
+    """Seconds of one decoding step's products for ``rows`` rows (lean.Linear: blocked copies when ``packed``).
+    ``mkl``: the layers' products on MKL's packed copies made for exactly ``rows`` rows instead (faster at that
+    row count, plain at any other; not what prefixtune runs), the output layer on the blocked copy."""
     from prefixtune.lean import Linear
 
-    linears = [Linear(torch.randn(n, k), pack=packed) for _ in range(shapes.layers) for n, k in shapes.layer]
-    linears.append(Linear(torch.randn(shapes.vocab, shapes.width), pack=packed))
+    linears = [
+        Linear(torch.randn(n, k), pack=packed and not mkl) for _ in range(shapes.layers) for n, k in shapes.layer
+    ]
+    calls = [m if not mkl else _mkl(m.weight, rows) for m in linears]
+    calls.append(Linear(torch.randn(shapes.vocab, shapes.width), pack=packed))
     inputs = {k: torch.randn(rows, k) for _, k in [*shapes.layer, (0, shapes.width)]}
+    widths = [m.weight.shape[1] for m in linears] + [shapes.width]
 
     def step():
-        for m in linears:
-            m(inputs[m.weight.shape[1]])
+        for call, width in zip(calls, widths):
+            call(inputs[width])
 
     return _best(step, repeats)
+
+
+def _mkl(weight: torch.Tensor, rows: int):
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+    return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
 
 
 def decode_attention(shapes: Shapes, rows: int, cache_len: int, repeats: int) -> float:
@@ -136,6 +147,14 @@ def train_head(shapes: Shapes, targets: int, repeats: int) -> float:
     return _best(head, repeats)
 
 
+def _has_mkl() -> bool:
+    try:
+        torch.ops.mkl._mkl_reorder_linear_weight(torch.zeros(2, 2), 2)
+        return True
+    except (RuntimeError, AttributeError):
+        return False
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model folder whose config gives the shapes (default model)")
@@ -157,6 +176,7 @@ def main(argv=None) -> dict:
         rate = max(matmul_rate(repeats=r), matmul_rate(repeats=r))
         gemv = decode_products(shapes, 1, False, r)
         products = decode_products(shapes, args.rows, True, r)
+        mkl = decode_products(shapes, args.rows, True, r, mkl=True) if _has_mkl() else None
         attention = decode_attention(shapes, args.rows, args.cache_len, r)
     train_rate = max(matmul_rate(n=1024, repeats=r), matmul_rate(n=1024, repeats=r))
     layer = train_layer(shapes, args.batch, args.length, args.prefix_len, r)
@@ -183,6 +203,14 @@ def main(argv=None) -> dict:
         "rows_ceiling_tokens_per_s": round(rows_tps, 1),
         "flop_floor_tokens_per_s": round(flop_floor, 1),
         "rows_ceiling_vs_flop_floor": round(rows_tps / flop_floor, 4),
+        **(
+            {
+                "rows_mkl_products_ms": round(mkl * 1000, 1),
+                "rows_mkl_ceiling_vs_flop_floor": round(args.rows / (mkl + attention) / flop_floor, 4),
+            }
+            if mkl is not None
+            else {}
+        ),
         "train_layer_ms": round(layer * 1000, 3),
         "train_head_ms": round(head * 1000, 3),
         "train_ceiling_tokens_per_s": round(train_tps, 1),
@@ -204,6 +232,15 @@ def _write(args, s: dict) -> None:
         f"| {s['rows']}-row greedy, tokens/s | ≥ 0.5 of floor | {s['rows_ceiling_tokens_per_s']} (products "
         f"{s['rows_products_ms']} ms + attention {s['rows_attention_ms']} ms per step) | "
         f"{s['flop_floor_tokens_per_s']} ({s['matmul_gflop_s']} GFLOP/s) | {s['rows_ceiling_vs_flop_floor']} |",
+        *(
+            [
+                f"| {s['rows']}-row greedy, MKL's packed products for exactly {s['rows']} rows | ≥ 0.5 of floor | "
+                f"products {s['rows_mkl_products_ms']} ms + attention | as above | "
+                f"{s['rows_mkl_ceiling_vs_flop_floor']} |"
+            ]
+            if "rows_mkl_products_ms" in s
+            else []
+        ),
         f"| training, tokens/s | ≥ 0.85 of bound | {s['train_ceiling_tokens_per_s']} ({s['train_layer_ms']} ms per "
         f"layer, head {s['train_head_ms']} ms) | {s['train_flop_bound_tokens_per_s']} "
         f"({s['matmul_1024_gflop_s']} GFLOP/s at 1024²) | {s['train_ceiling_vs_flop_bound']} |",
