@@ -41,11 +41,23 @@ def passes(batch: list, dist, micro: int, targets: int) -> list[tuple[list, floa
     exactly that of the mean loss over the global batch. Every process runs the same number of
     passes (rank 0's share is the largest): a process with fewer examples adds zero-weight passes, so
     that DDP's and FSDP's collectives stay in step.
+
+    Where the share is split, its examples are sorted by length first, so that each micro-batch is
+    padded only to its own longest example: the same gradient (a weighted sum over the same examples)
+    over fewer padding positions. (On this 2-core CPU that did not measure faster than one batch: the
+    smaller products run less efficiently; it takes less memory, 1721 against 2365 MB in bench_train.)
     """
     mine = dist.shard(batch)
+    if micro < len(mine):  # micro-batches of similar lengths: each is padded only to its own longest example
+        mine = sorted(mine, key=_length)
     chunks = [(mine[j : j + micro], dist.world_size / targets) for j in range(0, len(mine), micro)]
     most = math.ceil(math.ceil(len(batch) / dist.world_size) / micro)
     return chunks + [(batch[:1], 0.0)] * (most - len(chunks))
+
+
+def _length(features) -> tuple[int, int]:
+    """What an example costs in a padded micro-batch: its input length, then its labels' (decoder inputs)."""
+    return len(features.input_ids), len(features.labels) if features.decoder else 0
 
 
 def accumulate(runner, device, passes: list[tuple[list, float]], pad_id: int, scaler, ddp: bool) -> float:

@@ -75,11 +75,14 @@ def test_bench_decode_on_a_tiny_model_compares_the_systems_it_is_asked_for(model
 def test_bench_train_runs_on_the_device_asked_for(model_dir, tmp_path):
     out = tmp_path / "train.md"
     cmd = [sys.executable, str(BENCH / "bench_train.py"), "--model", model_dir, "--data", str(E2E), "--device", "cpu"]
-    cmd += ["--systems", "prefixtune,peft", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--output", str(out)]
+    cmd += ["--systems", "prefixtune,prefixtune_micro,peft", "--steps", "2", "--warmup", "1", "--batch-size", "4"]
+    cmd += ["--output", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["device"] == "cpu" and summary["speedup_vs_peft"] > 0
+    assert summary["device"] == "cpu" and summary["speedup_vs_peft"] > 0 and summary["speedup_vs_peft_micro"] > 0
+    # two length-sorted micro-batches per step: the same gradients, so the same training
+    assert summary["prefixtune_micro_final_loss"] == pytest.approx(summary["prefixtune_final_loss"], abs=1e-3)
     assert "spec_peak_tflop_s" not in summary and "peak_gpu_ratio_vs_peft" not in summary  # CPU: no MFU, no GPU memory
     assert "frozen model in fp32 on cpu" in out.read_text()
 

@@ -227,3 +227,20 @@ def test_the_train_cli_takes_its_defaults_from_the_config_dataclasses(monkeypatc
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     monkeypatch.setattr(fields["seed"], "default", 7)
     assert build_parser().parse_args(["train", "--output", "x"]).seed == 7
+
+
+def test_micro_batches_hold_examples_of_similar_length():
+    from prefixtune.batching import passes
+    from prefixtune.distributed import Dist
+    from prefixtune.features import Features
+
+    lengths = [9, 3, 7, 1, 8, 2, 6, 4]
+    batch = [Features(list(range(n)), [-100] * (n - 1) + [5]) for n in lengths]
+    one = passes(batch, Dist(), 4, 8)
+    assert [[len(f.input_ids) for f in mb] for mb, _ in one] == [[1, 2, 3, 4], [6, 7, 8, 9]]  # padded to 4 and 9
+    assert all(w == 1 / 8 for _, w in one)
+    whole = passes(batch, Dist(), 8, 8)  # not split: the batch as it came
+    assert [len(f.input_ids) for f in whole[0][0]] == lengths
+    two = passes(batch, Dist(rank=1, world_size=2, local_rank=1), 2, 8)  # rank 1's share: 3, 1, 2, 4
+    assert [[len(f.input_ids) for f in mb] for mb, _ in two] == [[1, 2], [3, 4]]
+    assert all(w == 2 / 8 for _, w in two)
