@@ -54,7 +54,7 @@ def _batches(features, batch_size, pad_id, device="cpu"):
     return [_on(collate(features[i : i + batch_size], pad_id), device) for i in range(0, len(features), batch_size)]
 
 
-def run_prefixtune(args, group_by_length: bool = False, compile_layers: bool = False) -> dict:
+def run_prefixtune(args, group_by_length: bool = False, compile_layers: bool = False, micro: bool = False) -> dict:
     from prefixtune import PrefixConfig, PrefixTunedModel
     from prefixtune.features import collate
     from prefixtune.training import batches
@@ -72,33 +72,37 @@ def run_prefixtune(args, group_by_length: bool = False, compile_layers: bool = F
     if group_by_length:  # the same examples, batched by similar length (``--group-by-length``): less padding
         groups = batches(len(features), args.batch_size, 0, 0, [len(f.input_ids) for f in features])
         timed = [_on(collate([features[i] for i in g], tokenizer.pad_token_id), args.device) for g in groups]
-    return _timed(args, timed, lambda b: model(**b, loss_only=True).loss, opt)
+    if micro:  # the same batches, each step in two length-sorted micro-batches (``--grad-accum 2``)
+        groups = [features[i : i + args.batch_size] for i in range(0, len(features), args.batch_size)]
+        return _timed(args, timed, _micro_steps(args, model, tokenizer.pad_token_id), opt, groups)
+
+    def backward(batch) -> float:
+        loss = model(**batch, loss_only=True).loss
+        loss.backward()
+        return float(loss)
+
+    return _timed(args, timed, backward, opt)
+
+
+def _micro_steps(args, model, pad_id):
+    """Forward and backward of a batch's features as the library's training step does with ``--grad-accum 2``."""
+    from prefixtune.batching import accumulate, passes
+    from prefixtune.distributed import Dist
+
+    scaler = torch.amp.GradScaler(enabled=False)
+
+    def backward(group) -> float:
+        targets = sum(sum(t != -100 for t in f.labels) for f in group)
+        micro = passes(group, Dist(), -(-len(group) // 2), targets)
+        return accumulate(model, args.device, micro, pad_id, scaler, False) / targets
+
+    return backward
 
 
 def run_prefixtune_micro(args) -> dict:
     """prefixtune on the same batches as ``prefixtune``, each optimizer step in two micro-batches of similar
     lengths (what ``prefixtune train --grad-accum 2`` does): the same gradient, less padding."""
-    from prefixtune import PrefixConfig, PrefixTunedModel
-    from prefixtune.batching import accumulate, passes
-    from prefixtune.distributed import Dist
-
-    base, tokenizer, features = _features(args)
-    torch.manual_seed(0)
-    model = PrefixTunedModel.wrap(base, PrefixConfig(num_virtual_tokens=args.prefix_len, mid_dim=512))
-    model.train()
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr)
-    scaler = torch.amp.GradScaler(enabled=False)
-    groups = [features[i : i + args.batch_size] for i in range(0, len(features), args.batch_size)]
-    marks, loss = [time.perf_counter()], float("nan")
-    for group in groups:
-        opt.zero_grad(set_to_none=True)
-        targets = sum(sum(t != -100 for t in f.labels) for f in group)
-        micro = passes(group, Dist(), -(-len(group) // 2), targets)
-        loss = accumulate(model, args.device, micro, tokenizer.pad_token_id, scaler, False) / targets
-        opt.step()
-        sync(args.device)
-        marks.append(time.perf_counter())
-    return _summary(args, marks, _batches(features, args.batch_size, tokenizer.pad_token_id), loss)
+    return run_prefixtune(args, micro=True)
 
 
 def run_prefixtune_grouped(args) -> dict:
@@ -186,16 +190,17 @@ def _trainer(args, model, tokenizer, features, group_by_length: bool = False) ->
     return _summary(args, marks, seen[: args.steps + args.warmup], losses[-1] if losses else float("nan"))
 
 
-def _timed(args, batches, loss_fn, opt) -> dict:
-    marks, loss = [time.perf_counter()], None
-    for batch in batches:
+def _timed(args, batches, backward, opt, steps=None) -> dict:
+    """One optimizer step per item of ``steps`` (default: ``batches``), ``backward(item)`` giving its loss;
+    tokens are counted on ``batches``, the same examples collated."""
+    marks, loss = [time.perf_counter()], float("nan")
+    for item in batches if steps is None else steps:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(batch)
-        loss.backward()
+        loss = backward(item)
         opt.step()
         sync(args.device)
         marks.append(time.perf_counter())
-    return _summary(args, marks, batches, float(loss))
+    return _summary(args, marks, batches, loss)
 
 
 def _summary(args, marks, batches, final_loss) -> dict:
